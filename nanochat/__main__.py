@@ -1,0 +1,6 @@
+"""`python -m nanochat <stage>` (and `torchrun ... -m nanochat <stage>`)."""
+import sys
+
+from nanochat.cli import main
+
+sys.exit(main())

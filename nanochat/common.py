@@ -1,0 +1,293 @@
+"""
+Shared plumbing: where outputs live, the runtime (device, compute dtype, rank),
+logging, and atomic file writes.
+
+Nothing here runs at import time. The CLI calls `build_runtime()` once and passes the
+resulting `Runtime` down to every stage; library code never probes CUDA or reads
+`RANK` itself.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("nanochat")
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# -----------------------------------------------------------------------------
+# Paths
+
+def get_base_dir(base_dir: str | os.PathLike | None = None) -> Path:
+    """Root of every output (data, tokenizer, checkpoints, reports).
+
+    Precedence: explicit argument, then $NANOCHAT_BASE_DIR, then ~/.cache/nanochat.
+    The directory is not created here; writers create what they write.
+    """
+    if base_dir is None:
+        base_dir = os.environ.get("NANOCHAT_BASE_DIR") or Path.home() / ".cache" / "nanochat"
+    return Path(base_dir).expanduser()
+
+
+# -----------------------------------------------------------------------------
+# Atomic writes: a reader (or a resumed run) never sees a half-written file.
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path next to `path`; on success fsync it and rename it over
+    `path`. On any exception the temporary file is removed and `path` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Make the rename itself durable (POSIX); harmless where unsupported.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# -----------------------------------------------------------------------------
+# Compute policy
+
+def _cpu_has_native_bf16() -> bool:
+    """True when the CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def choose_compute_dtype(device_type: str) -> tuple[torch.dtype, str]:
+    """Pick the dtype matmuls and activations run in, and say why.
+
+    Master weights stay fp32 whatever this returns; only compute is lowered.
+    $NANOCHAT_DTYPE (bfloat16|float16|float32) overrides the automatic choice.
+    """
+    env = os.environ.get("NANOCHAT_DTYPE")
+    if env:
+        if env not in _DTYPES:
+            raise ValueError(f"NANOCHAT_DTYPE={env!r} is not one of {sorted(_DTYPES)}; unset it or pick one of those")
+        return _DTYPES[env], f"set by NANOCHAT_DTYPE={env}"
+    if device_type == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        if (major, minor) >= (8, 0):
+            return torch.bfloat16, f"CUDA SM{major}{minor} has bf16 tensor cores"
+        return torch.float32, f"CUDA SM{major}{minor} predates bf16 (set NANOCHAT_DTYPE=float16 to use fp16 with a grad scaler)"
+    if device_type == "cpu":
+        if _cpu_has_native_bf16():
+            return torch.bfloat16, "CPU has native bf16 matmul (avx512_bf16/amx)"
+        return torch.float32, "CPU lacks native bf16 matmul"
+    return torch.float32, f"{device_type}: fp32 is the safe default"
+
+
+def autodetect_device_type() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+# -----------------------------------------------------------------------------
+# The runtime: built once by the CLI, passed to every stage.
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype
+    dtype_reason: str = ""
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    base_dir: Path = field(default_factory=get_base_dir)
+    distributed: bool = False
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+    def autocast_dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+            self.distributed = False
+
+
+def _torchrun_env() -> tuple[int, int, int] | None:
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return None
+
+
+def build_runtime(device_type: str | None = None, base_dir: str | os.PathLike | None = None,
+                  seed: int = 42) -> Runtime:
+    """Decide device, compute dtype and distributed rank once, and log why.
+
+    Under torchrun (RANK/LOCAL_RANK/WORLD_SIZE set) the process group is initialised:
+    NCCL on CUDA, gloo on CPU.
+    """
+    device_type = device_type or autodetect_device_type()
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device-type cuda was requested but this PyTorch build sees no CUDA device")
+    if device_type not in ("cuda", "cpu", "mps"):
+        raise ValueError(f"device type {device_type!r} is not one of cuda, cpu, mps")
+    env = _torchrun_env()
+    rank, local_rank, world_size = env if env else (0, 0, 1)
+    distributed = env is not None and world_size > 1
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device(device_type)
+    if distributed and not torch.distributed.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device_type == "cuda" else {}
+        torch.distributed.init_process_group(backend=backend, **kwargs)
+    torch.manual_seed(seed)
+    dtype, reason = choose_compute_dtype(device_type)
+    rt = Runtime(device=device, dtype=dtype, dtype_reason=reason, rank=rank,
+                 local_rank=local_rank, world_size=world_size,
+                 base_dir=get_base_dir(base_dir), distributed=distributed)
+    log.info("runtime: device=%s dtype=%s (%s) world_size=%d base_dir=%s",
+             device, rt.autocast_dtype_name(), reason, world_size, rt.base_dir)
+    return rt
+
+
+# -----------------------------------------------------------------------------
+# Logging
+
+class _RankZeroFilter(logging.Filter):
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.rank == 0 or record.levelno >= logging.WARNING
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Configure the `nanochat` logger (called by the CLI, never on import).
+    Only rank 0 prints INFO; every rank prints warnings and errors."""
+    rank = int(os.environ.get("RANK", "0"))
+    handler = logging.StreamHandler(sys.stderr)
+    fmt = "%(asctime)s %(levelname).1s %(message)s" if rank == 0 else f"%(asctime)s %(levelname).1s [rank{rank}] %(message)s"
+    handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
+    handler.addFilter(_RankZeroFilter(rank))
+    logger = logging.getLogger("nanochat")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+# -----------------------------------------------------------------------------
+# Peak throughput, for MFU
+
+# bf16 dense peak FLOP/s of common accelerators (more specific names first)
+_GPU_PEAK_FLOPS = (
+    (("gb200",), 2.5e15), (("b200",), 2.25e15), (("b100",), 1.8e15),
+    (("h200",), 989e12), (("h100", "nvl"), 835e12), (("h100", "pcie"), 756e12), (("h100",), 989e12),
+    (("h800",), 756e12), (("a100",), 312e12), (("a800",), 312e12), (("a40",), 149.7e12),
+    (("a30",), 165e12), (("l40s",), 362e12), (("l4",), 121e12),
+    (("mi300x",), 1.3074e15), (("mi250x",), 383e12),
+    (("5090",), 209.5e12), (("4090",), 165.2e12), (("3090",), 71e12),
+)
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    name = device_name.lower()
+    for patterns, flops in _GPU_PEAK_FLOPS:
+        if all(p in name for p in patterns):
+            return flops
+    return None
+
+
+_MEASURED_PEAK: dict[tuple[str, torch.dtype], float] = {}
+
+
+def measure_peak_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, iters: int = 8) -> float:
+    """Measure achievable dense matmul FLOP/s on `device` in `dtype` (cached per process).
+    Used as the MFU denominator where no datasheet figure is known (CPUs)."""
+    import time
+    key = (str(device), dtype)
+    if key in _MEASURED_PEAK:
+        return _MEASURED_PEAK[key]
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    _sync(device)
+    flops = 2 * n ** 3 * iters / (time.perf_counter() - t0)
+    _MEASURED_PEAK[key] = flops
+    return flops
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Peak FLOP/s for MFU: the datasheet figure on known GPUs, else measured."""
+    if device.type == "cuda":
+        known = gpu_peak_flops(torch.cuda.get_device_name(device))
+        if known is not None:
+            return known
+    return measure_peak_matmul_flops(device, dtype)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
