@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from nanochat.common import build_runtime, setup_logging
+    from nanochat.training import NonFiniteLossError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         # user-facing problems (bad input, missing files) get one clear line, no traceback
         print(f"nanochat {args.stage}: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:
+        print(f"nanochat {args.stage}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"nanochat {args.stage}: interrupted", file=sys.stderr)
         return 130

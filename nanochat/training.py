@@ -1,0 +1,279 @@
+"""
+What every training stage shares: one optimizer step (gradient accumulation, fp16
+grad scaling, the NaN guard, schedule application), the per-step log line with its
+progress display, and metric sinks (JSONL beside the checkpoints, wandb).
+
+Pretraining, SFT and RL all call `optimizer_step`; they differ only in the
+`loss_fn` they pass and in the micro-batches they feed it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import Runtime, atomic_write_text
+
+log = logging.getLogger("nanochat.training")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the step was not applied."""
+
+
+# -----------------------------------------------------------------------------
+# One optimizer step
+
+def apply_schedule(optimizer: torch.optim.Optimizer, lr_multiplier: float,
+                   muon_momentum: float | None = None, muon_weight_decay: float | None = None) -> None:
+    """Set each group's lr from its initial_lr, and Muon's momentum/weight decay."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lr_multiplier
+        if group.get("kind") == "muon":
+            if muon_momentum is not None:
+                group["momentum"] = muon_momentum
+            if muon_weight_decay is not None:
+                group["weight_decay"] = muon_weight_decay
+
+
+def _all_reduce_mean(t: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    if runtime.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= runtime.world_size
+    return t
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   micro_batches: Iterable[Any], loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+                   runtime: Runtime, *, num_micro_steps: int,
+                   scaler: torch.amp.GradScaler | None = None) -> float:
+    """Accumulate gradients over `num_micro_steps` micro-batches and step the optimizer.
+
+    `loss_fn(model, micro_batch)` returns the mean loss of that micro-batch; each is
+    divided by the number of micro-steps so the gradients add up to the full-batch
+    mean. Returns the mean loss over micro-steps and ranks (for logging).
+    Raises NonFiniteLossError, leaving the weights untouched, if the loss of any rank
+    is NaN or inf. The optimizer averages gradients across ranks itself.
+    """
+    total = torch.zeros((), dtype=torch.float32, device=runtime.device)
+    batches = iter(micro_batches)
+    for _ in range(num_micro_steps):
+        loss = loss_fn(model, next(batches))
+        total += loss.detach().float()
+        scaled = loss / num_micro_steps
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    mean_loss = _all_reduce_mean(total / num_micro_steps, runtime)
+    value = mean_loss.item()
+    if not math.isfinite(value):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(
+            f"the training loss is {value}: the step was not applied and nothing was saved. "
+            "Lower the learning rates, check the data, or resume from the last checkpoint.")
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+        if runtime.distributed:
+            # every rank must agree on skipping a step with inf/nan gradients
+            for found in scaler._found_inf_per_device(optimizer).values():
+                dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return value
+
+
+# -----------------------------------------------------------------------------
+# Metric sinks: null, JSONL, wandb behind one tiny interface
+
+class MetricSink:
+    def log(self, record: dict) -> None: ...
+    def close(self) -> None: ...
+
+
+class JsonlSink(MetricSink):
+    """Appends one JSON object per line. On resume, records past the resume step are
+    dropped first so the file reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            if resume_step is None:
+                self.path.unlink()
+            else:
+                kept = [line for line in self.path.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def log(self, record: dict) -> None:
+        self._f.write(json.dumps(record, default=_jsonable) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class WandbSink(MetricSink):
+    def __init__(self, run_name: str, config: dict, project: str = "nanochat"):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ValueError("--run asks for wandb logging but wandb is not installed: "
+                             "pip install 'nanochat[wandb]' or drop --run") from e
+        self._run = wandb.init(project=project, name=run_name, config=config)
+
+    def log(self, record: dict) -> None:
+        self._run.log(record)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class MultiSink(MetricSink):
+    def __init__(self, sinks: list[MetricSink]):
+        self.sinks = sinks
+
+    def log(self, record: dict) -> None:
+        for s in self.sinks:
+            s.log(record)
+
+    def close(self) -> None:
+        for s in self.sinks:
+            s.close()
+
+
+def make_sinks(runtime: Runtime, jsonl_path: Path | None, run_name: str | None, config: dict,
+               resume_step: int | None = None) -> MetricSink:
+    """Rank 0 gets the JSONL file (and wandb when `run_name` is set); other ranks log nothing."""
+    if not runtime.is_master:
+        return MultiSink([])
+    sinks: list[MetricSink] = []
+    if jsonl_path is not None:
+        sinks.append(JsonlSink(jsonl_path, resume_step))
+    if run_name:
+        sinks.append(WandbSink(run_name, config))
+    return MultiSink(sinks)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.item() if x.numel() == 1 else x.tolist()
+    return str(x)
+
+
+# -----------------------------------------------------------------------------
+# The per-step line and progress display
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory so far: allocator peak on CUDA, peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss_kib * 1024
+
+
+@dataclass
+class StepLogger:
+    """Formats one fixed line per step: step/total, loss (debiased EMA), lr multiplier,
+    dt, tok/s, MFU, elapsed, ETA. On a terminal the line is redrawn in place with a
+    progress bar; in a log file each step is its own line."""
+    total_steps: int
+    tokens_per_step: int
+    flops_per_step: float
+    peak_flops: float
+    sink: MetricSink
+    ema_beta: float = 0.9
+    smooth_loss: float = 0.0
+    elapsed: float = 0.0  # training time, excluding the first (warm-up/compile) steps
+    warmup_steps_excluded: int = 10
+    stream: Any = None
+
+    def __post_init__(self):
+        self.stream = self.stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty() and not os.environ.get("CI")
+        self._line_open = False
+
+    def step(self, step: int, loss: float, dt: float, lrm: float, is_master: bool = True, **extra: Any) -> dict:
+        self.smooth_loss = self.ema_beta * self.smooth_loss + (1 - self.ema_beta) * loss
+        debiased = self.smooth_loss / (1 - self.ema_beta ** (step + 1))
+        if step >= self.warmup_steps_excluded:
+            self.elapsed += dt
+        counted = step + 1 - self.warmup_steps_excluded
+        remaining = self.total_steps - step - 1
+        eta = self.elapsed / counted * remaining if counted > 0 else None
+        tok_s = self.tokens_per_step / dt if dt > 0 else 0.0
+        mfu = 100 * self.flops_per_step / dt / self.peak_flops if dt > 0 and self.peak_flops else 0.0
+        record = {"step": step, "loss": loss, "loss_ema": debiased, "lrm": lrm, "dt": dt,
+                  "tok_per_sec": tok_s, "mfu": mfu, "time": self.elapsed, **extra}
+        if is_master:
+            self.sink.log(record)
+            width = len(str(self.total_steps))
+            line = (f"step {step + 1:>{width}}/{self.total_steps} | loss {debiased:.4f} | lrm {lrm:.3f} | "
+                    f"dt {dt * 1000:.0f}ms | tok/s {tok_s:,.0f} | mfu {mfu:.2f}% | "
+                    f"elapsed {_fmt_duration(self.elapsed)} | eta {_fmt_duration(eta) if eta is not None else '--'}")
+            self._emit(line, step)
+        return record
+
+    def _emit(self, line: str, step: int) -> None:
+        if self.tty:
+            frac = (step + 1) / self.total_steps
+            bar = "█" * int(20 * frac) + "·" * (20 - int(20 * frac))
+            self.stream.write(f"\r\x1b[2K{bar} {line}")
+            self.stream.flush()
+            self._line_open = True
+        else:
+            log.info(line)
+
+    def event(self, message: str, is_master: bool = True, **record: Any) -> None:
+        """An eval/sample/save event: its own line (closing a redrawn progress line first)."""
+        if not is_master:
+            return
+        if self._line_open:
+            self.stream.write("\n")
+            self._line_open = False
+        log.info(message)
+        if record:
+            self.sink.log(record)
+
+    def close(self) -> None:
+        if self._line_open:
+            self.stream.write("\n")
+            self._line_open = False
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        synchronize(self.device)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        synchronize(self.device)
+        self.dt = time.perf_counter() - self.t0
