@@ -219,11 +219,27 @@ class _RankZeroFilter(logging.Filter):
         return self.rank == 0 or record.levelno >= logging.WARNING
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the write (so a caller that swaps
+    sys.stderr, like pytest's capture, never leaves us holding a closed stream)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Configure the `nanochat` logger (called by the CLI, never on import).
     Only rank 0 prints INFO; every rank prints warnings and errors."""
     rank = int(os.environ.get("RANK", "0"))
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderrHandler()
     fmt = "%(asctime)s %(levelname).1s %(message)s" if rank == 0 else f"%(asctime)s %(levelname).1s [rank{rank}] %(message)s"
     handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
     handler.addFilter(_RankZeroFilter(rank))

@@ -31,3 +31,38 @@ def base_dir(tmp_path, monkeypatch) -> Path:
     d.mkdir()
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(d))
     return d
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer (tok-train's code on real OpenStax text)
+
+def _link_openstax_shards(base: Path) -> None:
+    """base/base_data/shard_*.parquet as symlinks to the shared (read-only) shards."""
+    data = base / "base_data"
+    data.mkdir(parents=True, exist_ok=True)
+    for shard in sorted(OPENSTAX.glob("*.parquet")):
+        (data / shard.name).symlink_to(shard)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A base dir with base_data/ (the OpenStax shards, symlinked; last = val) and
+    tokenizer/ (vocab 2048, trained by `tok-train` on ~2M characters of the train shards).
+    Shared by the whole session: treat it as read-only."""
+    import torch
+
+    from nanochat.common import Runtime
+    from nanochat.stages import tok_train
+
+    base = tmp_path_factory.mktemp("tiny_tokenizer_base")
+    _link_openstax_shards(base)
+    runtime = Runtime(device=torch.device("cpu"), dtype=torch.float32, base_dir=base)
+    tok_train.run(tok_train.Config(max_chars=2_000_000, vocab_size=2048), runtime)
+    return base
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir):
+    """The Tokenizer saved in `tiny_tokenizer_dir`."""
+    from nanochat.tokenizer import get_tokenizer
+    return get_tokenizer(tiny_tokenizer_dir)
