@@ -270,10 +270,15 @@ def run(config: Config, runtime: Runtime) -> dict:
                 model.train()
                 logger.event("samples:\n" + "\n".join(f"  {p!r} → {s!r}" for p, s in zip(SAMPLE_PROMPTS, samples)))
             if last or (config.save_every and step > 0 and step != resume_step and step % config.save_every == 0):
+                loader_states = consumed["state"]
+                if runtime.distributed:
+                    # every rank reads its own row groups: keep all positions for an exact resume
+                    loader_states = [None] * runtime.world_size
+                    torch.distributed.all_gather_object(loader_states, consumed["state"])
                 meta = {
                     "step": step, "val_bpb": val_bpb, "model_config": plan.model_config, "user_config": user_config,
                     "device_batch_size": B, "max_seq_len": T, "total_batch_size": plan.total_batch_size,
-                    "num_iterations": plan.num_iterations, "dataloader_state_dict": consumed["state"],
+                    "num_iterations": plan.num_iterations, "dataloader_state_dict": loader_states,
                     "loop_state": {"min_val_bpb": min_val_bpb, "smooth_train_loss": logger.smooth_loss,
                                    "total_training_time": logger.elapsed},
                 }
