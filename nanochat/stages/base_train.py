@@ -155,7 +155,7 @@ def run(config: Config, runtime: Runtime) -> dict:
     from nanochat import checkpoint as ckpt
     from nanochat.dataloader import pretrain_batches
     from nanochat.gpt import GPTConfig, build_model
-    from nanochat.loss_eval import SAMPLE_PROMPTS, complete_prompts, split_bpb
+    from nanochat.loss_eval import SAMPLE_PROMPTS, complete_prompts, evaluate_bpb
     from nanochat.report import log_section
     from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
@@ -226,12 +226,23 @@ def run(config: Config, runtime: Runtime) -> dict:
             yield x, y
 
     micro = micro_batches()
+    val_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
     def evaluate() -> float:
+        # The val tokens are the same at every evaluation: tokenize them once and keep
+        # them (on the CPU) instead of re-reading and re-packing the shard each time.
+        if not val_batches:
+            steps = max(1, config.eval_tokens // (B * T * runtime.world_size))
+            val = pretrain_batches(tokenizer, B, T, "val", base_dir=base_dir, device="cpu",
+                                   rank=runtime.rank, world_size=runtime.world_size)
+            try:
+                val_batches.extend((x, y) for (x, y, _), _ in zip(val, range(steps)))
+            finally:
+                val.close()
         model.eval()
         try:
-            return split_bpb(model, tokenizer, token_bytes, base_dir=base_dir, splits=("val",), batch_size=B,
-                             seq_len=T, tokens=config.eval_tokens, rank=runtime.rank,
-                             world_size=runtime.world_size)["val"]
+            batches = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in val_batches)
+            return evaluate_bpb(model, batches, len(val_batches), token_bytes)
         finally:
             model.train()
 
