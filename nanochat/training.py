@@ -102,8 +102,9 @@ class MetricSink:
 
 
 class JsonlSink(MetricSink):
-    """Appends one JSON object per line. On resume, records past the resume step are
-    dropped first so the file reads as one uninterrupted run."""
+    """Appends one JSON object per line. On resume from step s, records of steps >= s
+    are dropped first (the resumed run logs step s's training and evaluation again), so
+    the file reads as one uninterrupted run."""
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)
@@ -113,7 +114,7 @@ class JsonlSink(MetricSink):
                 self.path.unlink()
             else:
                 kept = [line for line in self.path.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                        if line.strip() and json.loads(line).get("step", 0) < resume_step]
                 atomic_write_text(self.path, "".join(k + "\n" for k in kept))
         self._f = open(self.path, "a", encoding="utf-8")
 
@@ -206,6 +207,7 @@ class StepLogger:
     elapsed: float = 0.0  # training time, excluding the first (warm-up/compile) steps
     warmup_steps_excluded: int = 10
     stream: Any = None
+    show: tuple[str, ...] = ()  # extra record fields to print in the line too (e.g. RL's reward)
 
     def __post_init__(self):
         self.stream = self.stream or sys.stderr
@@ -227,7 +229,8 @@ class StepLogger:
         if is_master:
             self.sink.log(record)
             width = len(str(self.total_steps))
-            line = (f"step {step + 1:>{width}}/{self.total_steps} | loss {debiased:.4f} | lrm {lrm:.3f} | "
+            shown = "".join(f"{k} {extra[k]:.4g} | " for k in self.show if isinstance(extra.get(k), (int, float)))
+            line = (f"step {step + 1:>{width}}/{self.total_steps} | loss {debiased:.4f} | {shown}lrm {lrm:.3f} | "
                     f"dt {dt * 1000:.0f}ms | tok/s {tok_s:,.0f} | mfu {mfu:.2f}% | "
                     f"elapsed {_fmt_duration(self.elapsed)} | eta {_fmt_duration(eta) if eta is not None else '--'}")
             self._emit(line, step)
