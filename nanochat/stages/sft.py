@@ -1,0 +1,693 @@
+"""Supervised fine-tuning: teach a base model to chat on a mixture of conversations.
+
+Loads a base checkpoint and trains it on whole conversations, packed best-fit into
+padded rows that start with BOS (the layout it will see when chatting), with the loss on
+the assistant's tokens only. Sequence length, batch sizes and learning rates are
+inherited from the base checkpoint unless given (the LRs get pretraining's batch-size
+scaling, √(batch / 2^19), times --init-lr-frac); the optimizer's moment buffers are
+warm-started from the base checkpoint's. By default one epoch of the mixture is run,
+with val bits per byte and ChatCORE measured along the way.
+
+The mixture (--mixture) is a list of specs NAME[:EPOCHS][@ROWS]. Names:
+  smoltalk  identity  mmlu-aux  gsm8k  simple-spelling  spelling  arc-easy  arc-challenge
+  jsonl:/path/to/conversations.jsonl   (your own; one JSON list of messages per line)
+EPOCHS lists the component that many times; @ROWS keeps its first ROWS rows (for the
+generated spelling tasks: how many to generate). The val mixture (--val-mixture) takes
+the same specs; evaluation splits end in -test (smoltalk-test, mmlu-test, gsm8k-test,
+arc-easy-test, arc-challenge-test, spelling-test, simple-spelling-test).
+Default: smoltalk identity:2 mmlu-aux:3 gsm8k:4 simple-spelling spelling (the
+reference's); --mixture-add appends specs to it. Without network access to SmolTalk,
+replace it: --mixture identity:2 mmlu-aux:3 gsm8k:4 simple-spelling spelling.
+
+  nanochat sft
+  nanochat sft -g d20 --num-iterations 500 --mixture-add jsonl:/data/mine.jsonl:2
+  torchrun --standalone --nproc_per_node=8 -m nanochat sft --device-batch-size 16
+"""
+from __future__ import annotations
+
+import difflib
+import gc
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nanochat import scaling
+from nanochat.common import Runtime, peak_flops
+from nanochat.config import check, option, to_dict
+from nanochat.training import (NonFiniteLossError, StepLogger, Timer, apply_schedule, make_sinks,
+                               optimizer_step, peak_memory_bytes)
+
+log = logging.getLogger("nanochat.sft")
+
+# Hyperparameters inherited from the base checkpoint: name -> (where in its meta, fallback
+# when the base checkpoint does not record it). The fallbacks are base-train's defaults.
+INHERITED = {
+    "max_seq_len": ("meta", 2048),
+    "device_batch_size": ("meta", 32),
+    "total_batch_size": ("meta", 524288),
+    "embedding_lr": ("user_config", 0.3),
+    "unembedding_lr": ("user_config", 0.008),
+    "matrix_lr": ("user_config", 0.02),
+    "scalar_lr": ("user_config", 0.5),
+}
+
+
+# -----------------------------------------------------------------------------
+# Mixture specs: NAME[:EPOCHS][@ROWS], or jsonl:PATH[:EPOCHS][@ROWS]
+
+IDENTITY_FILE = "identity_conversations.jsonl"
+DEFAULT_MMLU_EPOCHS = 3
+DEFAULT_GSM8K_EPOCHS = 4
+# The reference's validation mixture, sized to roughly match the training proportions.
+DEFAULT_VAL_MIXTURE = ("smoltalk-test", "mmlu-test@5200", "gsm8k-test@420")
+# name -> what it holds. Train splits are plain names; evaluation splits end in -test.
+COMPONENTS = {
+    "smoltalk": "SmolTalk train, ~460K general conversations",
+    "smoltalk-test": "SmolTalk test",
+    "identity": f"identity conversations, <base_dir>/{IDENTITY_FILE} (downloaded when missing)",
+    "mmlu-aux": "MMLU auxiliary_train, ~100K multiple-choice questions",
+    "mmlu-test": "MMLU test, all subjects",
+    "gsm8k": "GSM8K train, 7.5K math problems with calculator calls",
+    "gsm8k-test": "GSM8K test",
+    "arc-easy": "ARC-Easy train", "arc-easy-test": "ARC-Easy test",
+    "arc-challenge": "ARC-Challenge train", "arc-challenge-test": "ARC-Challenge test",
+    "simple-spelling": "SimpleSpelling train, 200K generated rows (@ROWS: how many)",
+    "simple-spelling-test": "SimpleSpelling test, 256 generated rows",
+    "spelling": "SpellingBee train, 80K generated rows (@ROWS: how many)",
+    "spelling-test": "SpellingBee test, 256 generated rows",
+}
+
+
+@dataclass(frozen=True)
+class Component:
+    """One parsed spec: a COMPONENTS name or "jsonl" (with its `path`), how many times
+    it is listed in the mixture, and an optional row limit."""
+    name: str
+    epochs: int = 1
+    rows: int | None = None
+    path: str | None = None
+
+    def __str__(self) -> str:
+        head = f"jsonl:{self.path}" if self.name == "jsonl" else self.name
+        return head + (f":{self.epochs}" if self.epochs != 1 else "") + (f"@{self.rows}" if self.rows else "")
+
+
+def default_mixture(mmlu_epochs: int = DEFAULT_MMLU_EPOCHS, gsm8k_epochs: int = DEFAULT_GSM8K_EPOCHS) -> list[str]:
+    """The reference SFT mixture: SmolTalk, identity ×2, MMLU aux ×3, GSM8K ×4, the spelling tasks."""
+    specs = ["smoltalk", "identity:2"]
+    if mmlu_epochs:
+        specs.append(f"mmlu-aux:{mmlu_epochs}")
+    if gsm8k_epochs:
+        specs.append(f"gsm8k:{gsm8k_epochs}")
+    return specs + ["simple-spelling", "spelling"]
+
+
+_SPEC_RE = re.compile(r"^(?P<head>[^:@]+)(?::(?P<epochs>[^:@]*))?(?:@(?P<rows>[^:@]*))?$")
+# a path may hold ':' and '@' itself: only a trailing ':<digits>' and '@<digits>' are options
+_JSONL_RE = re.compile(r"^jsonl:(?P<path>.+?)(?::(?P<epochs>\d+))?(?:@(?P<rows>\d+))?$")
+
+
+def parse_component(spec: str) -> Component:
+    """'gsm8k:4' -> Component('gsm8k', 4); 'jsonl:/data/my.jsonl:2@500' -> that file, 2
+    epochs, its first 500 rows. Raises ValueError naming the spec and the accepted forms."""
+    text = spec.strip() if isinstance(spec, str) else ""
+    if not text:
+        raise ValueError(f"empty mixture spec {spec!r}; use NAME[:EPOCHS][@ROWS], e.g. gsm8k:4")
+    if text.startswith("jsonl:"):
+        m = _JSONL_RE.match(text)
+        if not m:
+            raise ValueError(f"mixture spec {text!r}: give a file, as jsonl:/path/to/file.jsonl[:EPOCHS][@ROWS]")
+        name, path = "jsonl", m.group("path")
+    else:
+        m = _SPEC_RE.match(text)
+        name, path = (m.group("head") if m else text), None
+        if not m or name not in COMPONENTS:
+            close = difflib.get_close_matches(name, list(COMPONENTS), n=2, cutoff=0.6)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise ValueError(f"mixture spec {text!r}: unknown component {name!r}{hint}; known: "
+                             f"{', '.join(COMPONENTS)}, and jsonl:/path/file.jsonl (form NAME[:EPOCHS][@ROWS])")
+    epochs = _spec_int(text, "EPOCHS", m.group("epochs"), minimum=0) if m.group("epochs") is not None else 1
+    rows = _spec_int(text, "ROWS", m.group("rows"), minimum=1) if m.group("rows") is not None else None
+    return Component(name=name, epochs=epochs, rows=rows, path=path)
+
+
+def _spec_int(spec: str, what: str, text: str, minimum: int) -> int:
+    if not text.isdigit() or int(text) < minimum:
+        raise ValueError(f"mixture spec {spec!r}: {what} must be an integer >= {minimum}, got {text!r} "
+                         f"(form: NAME[:EPOCHS][@ROWS], e.g. gsm8k:4 or spelling@5000)")
+    return int(text)
+
+
+def parse_mixture(specs: Sequence[str]) -> list[Component]:
+    """Parse every spec, reporting all bad ones at once; components of 0 epochs are dropped."""
+    components, problems = [], []
+    for spec in specs:
+        try:
+            components.append(parse_component(spec))
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise ValueError("; ".join(problems))
+    components = [c for c in components if c.epochs > 0]
+    if not components:
+        raise ValueError(f"the mixture {list(specs)} has no component with at least one epoch")
+    return components
+
+
+def ensure_identity_conversations(base_dir: Path, url: str | None = None) -> Path:
+    """<base_dir>/identity_conversations.jsonl, downloaded from `url` (default: the
+    reference's) the first time; the download is checked as a conversations file."""
+    from nanochat.downloads import DownloadError, download_file
+    from nanochat.tasks.customjson import IDENTITY_URL, read_conversations
+
+    path = Path(base_dir) / IDENTITY_FILE
+    if path.is_file():
+        return path
+    url = url or IDENTITY_URL
+    log.info("downloading identity conversations from %s to %s", url, path)
+    try:
+        download_file(url, path, timeout=60, retries=3, validate=read_conversations)
+    except DownloadError as e:
+        raise FileNotFoundError(f"{path} is missing and could not be downloaded from {url}: {e}. Put the file "
+                                f"there, pass --identity-url (file:// works), or leave 'identity' out of --mixture") from e
+    return path
+
+
+def build_component(comp: Component, base_dir: Path, identity_url: str | None = None, mirror: str | None = None):
+    """The Task of one component (hub data through `mirror`, default $NANOCHAT_HF_MIRROR)."""
+    from nanochat.tasks import ARC, GSM8K, MMLU, CustomJSON, SimpleSpelling, SmolTalk, SpellingBee
+
+    hub = {"base_dir": base_dir, "mirror": mirror, "stop": comp.rows}
+    name = comp.name
+    if name == "jsonl":
+        path = Path(comp.path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"mixture component jsonl:{comp.path}: no such file; give an existing JSONL "
+                                    "file of conversations (one JSON list of messages per line)")
+        return CustomJSON(filepath=path, stop=comp.rows)
+    if name == "identity":
+        return CustomJSON(filepath=ensure_identity_conversations(base_dir, identity_url), stop=comp.rows)
+    if name in ("smoltalk", "smoltalk-test"):
+        return SmolTalk(split="test" if name.endswith("-test") else "train", **hub)
+    if name == "mmlu-aux":
+        return MMLU(subset="auxiliary_train", split="train", **hub)
+    if name == "mmlu-test":
+        return MMLU(subset="all", split="test", **hub)
+    if name in ("gsm8k", "gsm8k-test"):
+        return GSM8K(subset="main", split="test" if name.endswith("-test") else "train", **hub)
+    if name.startswith("arc-"):
+        subset = "ARC-Easy" if name.startswith("arc-easy") else "ARC-Challenge"
+        return ARC(subset=subset, split="test" if name.endswith("-test") else "train", **hub)
+    test = name.endswith("-test")
+    cls = SimpleSpelling if name.startswith("simple-spelling") else SpellingBee
+    default_size = 256 if test else (200_000 if cls is SimpleSpelling else 80_000)
+    return cls(size=comp.rows or default_size, split="test" if test else "train", base_dir=base_dir)
+
+
+def build_mixture(components: Sequence[Component], base_dir: Path, identity_url: str | None = None,
+                  mirror: str | None = None, seed: int = 42):
+    """(TaskMixture of the components, one description line per component). A component
+    of E epochs is listed E times, so each of its rows appears E times per SFT epoch."""
+    from nanochat.tasks import TaskMixture
+
+    tasks, lines = [], []
+    for comp in components:
+        try:
+            task = build_component(comp, base_dir, identity_url, mirror)
+        except (FileNotFoundError, ValueError) as e:
+            if comp.name == "jsonl" or str(e).startswith("mixture component"):
+                raise
+            kind = FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError
+            raise kind(f"mixture component {comp}: {e}. To go on without it, list the other components "
+                       f"with --mixture (see `nanochat sft --help`)") from e
+        if len(task) == 0:
+            raise ValueError(f"mixture component {comp} has no rows")
+        tasks.extend([task] * comp.epochs)
+        lines.append(f"{comp}: {len(task):,} rows × {comp.epochs} = {len(task) * comp.epochs:,}")
+    return TaskMixture(tasks, seed=seed), lines
+
+
+@dataclass
+class Config:
+    # source model
+    model_tag: str | None = option(None, "base checkpoint to fine-tune, also the output tag [automatic: the largest model]",
+                                   short="-g")
+    model_step: int | None = option(None, "step of the base checkpoint [automatic: its last]", short="-s")
+    load_optimizer: bool = option(True, "warm-start the optimizer's moment buffers from the base checkpoint")
+    output_tag: str | None = option(None, "checkpoint folder name under the SFT checkpoints [automatic: the base tag]")
+    # horizon
+    num_iterations: int | None = option(None, "train exactly this many steps [automatic: one epoch of the mixture]")
+    # batch (default: inherited from the base checkpoint)
+    max_seq_len: int | None = option(None, "row length in tokens [automatic: the base checkpoint's]")
+    device_batch_size: int | None = option(None, "rows per device per micro-step [automatic: the base checkpoint's]")
+    total_batch_size: int | None = option(None, "tokens per optimizer step, all devices [automatic: the base checkpoint's]")
+    # optimizer (peak LRs default to the base checkpoint's; scaled by √(batch/2^19) as in pretraining)
+    embedding_lr: float | None = option(None, "AdamW LR of the token embedding [automatic: the base checkpoint's]")
+    unembedding_lr: float | None = option(None, "AdamW LR of lm_head [automatic: the base checkpoint's]")
+    matrix_lr: float | None = option(None, "Muon LR of the block matrices [automatic: the base checkpoint's]")
+    scalar_lr: float | None = option(None, "AdamW LR of the per-layer scalars [automatic: the base checkpoint's]")
+    init_lr_frac: float = option(0.8, "SFT's peak LR as a fraction of the base LRs")
+    warmup_ratio: float = option(0.0, "fraction of the run spent in linear LR warmup")
+    warmdown_ratio: float = option(0.5, "fraction of the run spent in the final linear LR warmdown")
+    final_lr_frac: float = option(0.0, "LR at the end of warmdown, as a fraction of the peak")
+    # data
+    mixture: list[str] | None = option(None, "training mixture, specs NAME[:EPOCHS][@ROWS] [automatic: the reference's]")
+    mixture_add: list[str] | None = option(None, "specs appended to the default mixture")
+    mmlu_epochs: int | None = option(None, "epochs of MMLU auxiliary_train in the default mixture [automatic: 3]")
+    gsm8k_epochs: int | None = option(None, "epochs of GSM8K train in the default mixture [automatic: 4]")
+    val_mixture: list[str] | None = option(None, "validation mixture for val bpb [automatic: smoltalk-test mmlu-test@5200 "
+                                           "gsm8k-test@420, without smoltalk-test when smoltalk is not trained on]")
+    identity_url: str | None = option(None, "where to download identity_conversations.jsonl when <base_dir> lacks it "
+                                      "[automatic: the reference's; file:// works]")
+    # evaluation and output
+    eval_every: int = option(200, "measure val bits per byte every N steps (0: only at the end)")
+    eval_tokens: int = option(40 * 524288, "tokens of the val mixture per evaluation")
+    chatcore_every: int = option(200, "measure ChatCORE every N steps and at the end (0: never)")
+    chatcore_max_problems: int = option(24, "problems per generative task (GSM8K, HumanEval, SpellingBee) in ChatCORE")
+    chatcore_max_categorical: int | None = option(None, "problems per multiple-choice task in ChatCORE [automatic: all]")
+    chatcore_max_new_tokens: int = option(512, "longest completion sampled for ChatCORE")
+    save_every: int = option(0, "save a checkpoint every N steps (0: only at the end)")
+    resume_from_step: int | None = option(None, "continue an SFT run from its checkpoint at this step")
+    resume: str | None = option(None, "'latest': continue from the newest complete SFT checkpoint of this tag")
+    run: str | None = option(None, "wandb run name; logging to wandb is on only when given")
+    compile: bool | None = option(None, "torch.compile the model [automatic: on for CUDA, off on CPU]")
+
+    def validate(self) -> None:
+        p = []
+        for name in ("num_iterations", "max_seq_len", "device_batch_size", "total_batch_size", "embedding_lr",
+                     "unembedding_lr", "matrix_lr", "scalar_lr"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                p.append(f"--{name.replace('_', '-')} must be positive (got {v})")
+        if not 0 < self.init_lr_frac <= 10:
+            p.append(f"--init-lr-frac must be in (0, 10] (got {self.init_lr_frac})")
+        for name in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
+            if not 0 <= getattr(self, name) <= 1:
+                p.append(f"--{name.replace('_', '-')} must be in [0, 1] (got {getattr(self, name)})")
+        if self.warmup_ratio + self.warmdown_ratio > 1:
+            p.append(f"--warmup-ratio + --warmdown-ratio must be at most 1 "
+                     f"(got {self.warmup_ratio + self.warmdown_ratio})")
+        for name in ("eval_every", "chatcore_every", "save_every", "eval_tokens"):
+            if getattr(self, name) < 0:
+                p.append(f"--{name.replace('_', '-')} must be >= 0 (0 disables it)")
+        for name in ("chatcore_max_problems", "chatcore_max_new_tokens"):
+            if getattr(self, name) < 1:
+                p.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if self.chatcore_max_categorical is not None and self.chatcore_max_categorical < 1:
+            p.append(f"--chatcore-max-categorical must be >= 1 (got {self.chatcore_max_categorical})")
+        for name in ("mmlu_epochs", "gsm8k_epochs"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                p.append(f"--{name.replace('_', '-')} must be >= 0 (got {v})")
+        if self.mixture is not None:
+            if self.mixture_add:
+                p.append("give either --mixture (replaces the default) or --mixture-add (extends it), not both; "
+                         "list everything in --mixture")
+            for name in ("mmlu_epochs", "gsm8k_epochs"):
+                if getattr(self, name) is not None:
+                    p.append(f"--{name.replace('_', '-')} only shapes the default mixture; with --mixture write the "
+                             f"epochs into the spec (e.g. {'mmlu-aux:3' if name == 'mmlu_epochs' else 'gsm8k:4'})")
+        for flag, specs in (("--mixture", self.mixture), ("--mixture-add", self.mixture_add),
+                            ("--val-mixture", self.val_mixture)):
+            if specs is not None:
+                try:
+                    parse_mixture(specs)
+                except ValueError as e:
+                    p.append(f"{flag}: {e}")
+        if self.resume not in (None, "latest"):
+            p.append(f"--resume accepts only 'latest' (got {self.resume!r}); use --resume-from-step N for a given step")
+        if self.resume is not None and self.resume_from_step is not None:
+            p.append("give either --resume latest or --resume-from-step, not both")
+        check(p)
+
+    def training_specs(self) -> list[str]:
+        if self.mixture is not None:
+            return list(self.mixture)
+        mmlu = DEFAULT_MMLU_EPOCHS if self.mmlu_epochs is None else self.mmlu_epochs
+        gsm8k = DEFAULT_GSM8K_EPOCHS if self.gsm8k_epochs is None else self.gsm8k_epochs
+        return default_mixture(mmlu, gsm8k) + list(self.mixture_add or [])
+
+    def validation_specs(self, training: list[str]) -> list[str]:
+        if self.val_mixture is not None:
+            return list(self.val_mixture)
+        trained = {c.name for c in parse_mixture(training)}
+        # SmolTalk may be unavailable (offline runs drop it); its test split goes with it
+        return [s for s in DEFAULT_VAL_MIXTURE if s != "smoltalk-test" or "smoltalk" in trained]
+
+
+# -----------------------------------------------------------------------------
+# Hyperparameters inherited from the base checkpoint
+
+def resolve_hyperparameters(config: Config, base_meta: dict) -> dict[str, dict[str, Any]]:
+    """For each inherited setting: {"value", "source", "base"} where source is
+    "inherited" (not given; the base checkpoint's value), "overridden" (given and different
+    from the base's), "given" (given, same as the base's or the base has none) or
+    "default" (neither given nor recorded by the base checkpoint: base-train's default)."""
+    user_config = base_meta.get("user_config") or {}
+    out = {}
+    for name, (where, fallback) in INHERITED.items():
+        base_value = (base_meta if where == "meta" else user_config).get(name)
+        given = getattr(config, name)
+        if given is None:
+            value, source = (base_value, "inherited") if base_value is not None else (fallback, "default")
+        else:
+            value = given
+            source = "overridden" if base_value is not None and given != base_value else "given"
+        out[name] = {"value": value, "source": source, "base": base_value}
+    return out
+
+
+def log_hyperparameters(resolved: dict[str, dict[str, Any]]) -> None:
+    for name, r in resolved.items():
+        flag = "--" + name.replace("_", "-")
+        if r["source"] == "inherited":
+            log.info("inherited %s=%s from the base checkpoint", name, r["value"])
+        elif r["source"] == "overridden":
+            log.info("%s=%s overrides the base checkpoint's %s", flag, r["value"], r["base"])
+        elif r["source"] == "default":
+            log.info("%s=%s (the base checkpoint does not record it; default)", name, r["value"])
+        else:
+            log.info("%s=%s (given)", name, r["value"])
+
+
+def progress_lr_multiplier(progress: float, warmup_ratio: float, warmdown_ratio: float, final_lr_frac: float) -> float:
+    """LR multiplier from the fraction of the run done (SFT's length is set by the data,
+    so the schedule is in progress, not steps): linear warmup, flat, linear warmdown."""
+    if warmup_ratio > 0 and progress < warmup_ratio:
+        return (progress + 1e-8) / warmup_ratio
+    if progress <= 1.0 - warmdown_ratio:
+        return 1.0
+    decay = min((progress - (1.0 - warmdown_ratio)) / warmdown_ratio, 1.0)
+    return (1 - decay) + decay * final_lr_frac
+
+
+def sft_muon_momentum(step: int) -> float:
+    """0.85 → 0.95 over the first 300 steps (a gentler ramp than pretraining's)."""
+    frac = min(step / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+# -----------------------------------------------------------------------------
+# Pieces of the run
+
+def _warm_start_optimizer(optimizer, base_dir, tag: str, step: int, runtime: Runtime) -> str:
+    """Load the base checkpoint's moment buffers, keeping SFT's own hyperparameters.
+    All ranks warm-start or none does (a sharded optimizer must agree across ranks).
+    Returns what happened: "loaded", "missing" or "mismatch" (for the log and the meta)."""
+    from nanochat import checkpoint as ckpt
+    path = ckpt.optim_path(ckpt.checkpoint_dir(base_dir, "base", tag), step, runtime.rank)
+    # load_state_dict also restores the saved LRs, betas and weight decay, which pretraining's
+    # warmdown left near zero: keep only the buffers and put SFT's settings back.
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    status = "missing"
+    if path.is_file():
+        state = torch.load(path, map_location=runtime.device, weights_only=True)
+        try:
+            optimizer.load_state_dict(state)
+            status = "loaded"
+        except ValueError as e:
+            log.warning("the base checkpoint's optimizer state does not fit: %s", e)
+            status = "mismatch"
+        del state
+    everywhere = status == "loaded"
+    if runtime.distributed:
+        flag = torch.tensor(int(everywhere), device=runtime.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        everywhere = bool(flag.item())
+    if not everywhere:
+        optimizer.state.clear()
+        status = "mismatch" if status == "loaded" else status
+    for group, saved in zip(optimizer.param_groups, settings):
+        group.update(saved)
+    if everywhere:
+        log.info("warm-started the optimizer from %s (moment buffers only; SFT's LRs and settings kept)", path)
+    else:
+        log.warning("no usable optimizer state for every rank in %s (%s here): starting SFT with a fresh "
+                    "optimizer (slightly worse)", path.parent, status)
+    return status
+
+
+def supervised_mean_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the supervised targets of one micro-batch (B, T). A
+    micro-batch without any (every row's assistant text cut off) gives 0 and no gradient,
+    where a plain mean would give 0/0 = NaN and stop the run."""
+    inputs, targets = batch
+    return model(inputs, targets, loss_reduction="sum") / (targets >= 0).sum().clamp(min=1)
+
+
+def _check_resumable(ckpt_dir: Path, step: int, train_specs: list[str]) -> None:
+    """Refuse early (before any data is loaded) to resume onto another mixture."""
+    from nanochat import checkpoint as ckpt
+    path = ckpt.meta_path(ckpt_dir, step)
+    if not path.is_file():
+        return  # load_checkpoint explains what is missing
+    saved = json.loads(path.read_text(encoding="utf-8")).get("mixture")
+    if saved != train_specs:
+        raise ValueError(f"the SFT run in {ckpt_dir} trained on the mixture {saved}, not {train_specs}; "
+                         "resume with the same --mixture")
+
+
+def _gather_loader_states(state: dict, runtime: Runtime) -> list[dict]:
+    """Every rank's loader state, in rank order (rank 0 writes them all into the meta)."""
+    if not runtime.distributed:
+        return [state]
+    states: list = [None] * runtime.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def _rank_loader_state(saved: Any, runtime: Runtime) -> dict | None:
+    if saved is None:
+        return None
+    states = saved if isinstance(saved, list) else [saved]
+    if len(states) != runtime.world_size:
+        raise ValueError(f"the SFT checkpoint was written by {len(states)} process(es) but this run has "
+                         f"{runtime.world_size}; resume with the same number of processes")
+    return states[runtime.rank]
+
+
+def _sync_progress(loader, runtime: Runtime) -> tuple[float, bool]:
+    """(fraction of the epoch consumed, epoch finished) agreed by all ranks (max), so that
+    every rank applies the same LR and stops at the same step."""
+    progress, done = loader.progress, loader.epoch_done
+    if runtime.distributed:
+        t = torch.tensor([progress, float(done)], dtype=torch.float64, device=runtime.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        progress, done = t[0].item(), bool(t[1].item())
+    return progress, done
+
+
+def run(config: Config, runtime: Runtime) -> dict:
+    from nanochat import checkpoint as ckpt
+    from nanochat.loss_eval import evaluate_bpb
+    from nanochat.report import log_section
+    from nanochat.sft_data import SFTLoader
+    from nanochat.stages.chat_eval import evaluate_chatcore
+    from nanochat.tokenizer import get_token_bytes
+
+    config.validate()
+    device, base_dir = runtime.device, runtime.base_dir
+    train_specs = config.training_specs()
+    val_specs = config.validation_specs(train_specs)
+    train_components, val_components = parse_mixture(train_specs), parse_mixture(val_specs)
+
+    # --- the base model and what it passes on ----------------------------------
+    base_tag = config.model_tag or ckpt.find_largest_tag(ckpt.stage_root(base_dir, "base"))
+    base_step = config.model_step if config.model_step is not None else \
+        ckpt.find_last_step(ckpt.checkpoint_dir(base_dir, "base", base_tag))
+    tag = config.output_tag or base_tag
+    ckpt_dir = ckpt.checkpoint_dir(base_dir, "sft", tag)
+    resume_step = config.resume_from_step
+    if config.resume == "latest":
+        resume_step = ckpt.find_last_step(ckpt_dir)
+    if resume_step is not None:
+        _check_resumable(ckpt_dir, resume_step, train_specs)
+    model, tokenizer, base_meta = ckpt.load_model("base", base_dir, device, runtime.dtype, tag=base_tag,
+                                                  step=base_step, phase="train")
+    model_config = asdict(model.config)
+    resolved = resolve_hyperparameters(config, base_meta)
+    log_hyperparameters(resolved)
+    hp = {name: r["value"] for name, r in resolved.items()}
+    B, T, total_batch_size = hp["device_batch_size"], hp["max_seq_len"], hp["total_batch_size"]
+    tokens_per_micro = B * T * runtime.world_size
+    if total_batch_size % tokens_per_micro:
+        raise ValueError(f"total batch size {total_batch_size:,} is not a multiple of device batch × sequence × devices"
+                         f" = {B} × {T} × {runtime.world_size} = {tokens_per_micro:,}; set --total-batch-size, "
+                         f"--device-batch-size or --max-seq-len so that it is")
+    grad_accum = total_batch_size // tokens_per_micro
+    if T > model.config.sequence_len:
+        log.warning("--max-seq-len %d is longer than the %d tokens the base model was trained on", T,
+                    model.config.sequence_len)
+
+    # --- data ------------------------------------------------------------------
+    train_set, train_lines = build_mixture(train_components, base_dir, config.identity_url)
+    val_set, val_lines = build_mixture(val_components, base_dir, config.identity_url)
+    log.info("training mixture: %s rows\n  %s", f"{len(train_set):,}", "\n  ".join(train_lines))
+    log.info("validation mixture: %s rows\n  %s", f"{len(val_set):,}", "\n  ".join(val_lines))
+
+    # --- optimizer ---------------------------------------------------------------
+    lr_scale = scaling.batch_lr_scale(total_batch_size)
+    optimizer = model.setup_optimizer(
+        unembedding_lr=hp["unembedding_lr"] * lr_scale, embedding_lr=hp["embedding_lr"] * lr_scale,
+        matrix_lr=hp["matrix_lr"] * lr_scale, scalar_lr=hp["scalar_lr"] * lr_scale,
+        weight_decay=0.0)  # pretraining decays weight decay to zero; SFT continues without it
+    log.info("LR scale %.4f for batch %s (as in pretraining) × init-lr-frac %.3f; grad accumulation %d",
+             lr_scale, f"{total_batch_size:,}", config.init_lr_frac, grad_accum)
+    for group in optimizer.param_groups:
+        group["lr"] *= config.init_lr_frac
+        group["initial_lr"] = group["lr"]
+
+    # --- resume or warm start -------------------------------------------------------
+    step, val_bpb, min_val_bpb, smooth_loss, train_time, loader_state = 0, None, float("inf"), 0.0, 0.0, None
+    optimizer_warm_start = "resumed" if resume_step is not None else "off"
+    if resume_step is not None:
+        model_state, optim_state, meta = ckpt.load_checkpoint(ckpt_dir, resume_step, device, load_optimizer=True,
+                                                              rank=runtime.rank)
+        if meta.get("model_config") != model_config:
+            raise ValueError(f"the SFT checkpoint in {ckpt_dir} has model config {meta.get('model_config')}, but the "
+                             f"base model has {model_config}; resume with the base checkpoint the run started from")
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        del model_state, optim_state
+        step, val_bpb = meta["step"], meta.get("val_bpb")
+        loop = meta.get("loop_state", {})
+        min_val_bpb = loop.get("min_val_bpb", float("inf"))
+        smooth_loss, train_time = loop.get("smooth_train_loss", 0.0), loop.get("total_training_time", 0.0)
+        loader_state = _rank_loader_state(meta.get("dataloader_state_dict"), runtime)
+        log.info("resumed from %s at step %d", ckpt_dir, step)
+    elif config.load_optimizer:
+        optimizer_warm_start = _warm_start_optimizer(optimizer, base_dir, base_tag, base_step, runtime)
+
+    train_model = model
+    if config.compile if config.compile is not None else device.type == "cuda":
+        train_model = torch.compile(model, dynamic=False)  # rows are always (B, T): no recompiles
+    scaler = torch.amp.GradScaler() if runtime.dtype == torch.float16 else None
+
+    loader = SFTLoader(train_set, tokenizer, B, T, device=device, rank=runtime.rank,
+                       world_size=runtime.world_size, state=loader_state)
+    token_bytes = get_token_bytes(base_dir, device=device)
+
+    def evaluate_val() -> float:
+        model.eval()
+        try:
+            val_loader = SFTLoader(val_set, tokenizer, B, T, device=device, rank=runtime.rank,
+                                   world_size=runtime.world_size)
+            return evaluate_bpb(model, val_loader, max(1, config.eval_tokens // tokens_per_micro), token_bytes)
+        finally:
+            model.train()
+
+    def estimated_total(step_now: int, progress: float) -> int:
+        if config.num_iterations is not None:
+            return config.num_iterations
+        return max(step_now + 1, math.ceil(step_now / progress)) if progress > 0 else max(step_now + 1, 1)
+
+    user_config = to_dict(config)
+    sink = make_sinks(runtime, ckpt_dir / "metrics.jsonl", config.run, user_config,
+                      resume_step=step if resume_step is not None else None)
+    peak = peak_flops(device, runtime.dtype) * runtime.world_size
+    flops_per_token = model.estimate_flops()
+    logger = StepLogger(estimated_total(step, loader.progress), total_batch_size, flops_per_token * total_batch_size,
+                        peak, sink, smooth_loss=smooth_loss, elapsed=train_time, show=("epoch",))
+
+    chatcore_results: dict = {}
+    record: dict = {}
+    t_start = time.time()
+    first_step = step
+    try:
+        while True:
+            progress, epoch_done = _sync_progress(loader, runtime)
+            if config.num_iterations is not None:
+                last = step >= config.num_iterations
+                progress = step / config.num_iterations
+            else:
+                last = epoch_done
+            if (config.eval_every and step % config.eval_every == 0) or last:
+                val_bpb = evaluate_val()
+                min_val_bpb = min(min_val_bpb, val_bpb)
+                logger.event(f"step {step} | val bpb {val_bpb:.4f}", runtime.is_master, step=step, val_bpb=val_bpb)
+            if config.chatcore_every and (last or (step > 0 and step % config.chatcore_every == 0)):
+                chatcore_results = evaluate_chatcore(
+                    model, tokenizer, max_problems=config.chatcore_max_problems,
+                    max_problems_categorical=config.chatcore_max_categorical, batch_size=B,
+                    max_new_tokens=config.chatcore_max_new_tokens, rank=runtime.rank,
+                    world_size=runtime.world_size, base_dir=base_dir)
+                model.train()
+                acc = chatcore_results["accuracy"]
+                logger.event(f"step {step} | ChatCORE {chatcore_results['chatcore']:.4f} | ChatCORE_cat "
+                             f"{chatcore_results['chatcore_cat']:.4f} | " +
+                             " ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items()), runtime.is_master,
+                             step=step, chatcore=chatcore_results["chatcore"],
+                             chatcore_cat=chatcore_results["chatcore_cat"],
+                             **{f"chatcore/{k}": v for k, v in acc.items()})
+            if last or (config.save_every and step > 0 and step != resume_step and step % config.save_every == 0):
+                meta = {
+                    "step": step, "val_bpb": val_bpb, "model_config": model_config, "model_tag": tag,
+                    "user_config": user_config, "source": {"stage": "base", "tag": base_tag, "step": base_step},
+                    **hp, "hyperparameters": resolved, "lr_scale": lr_scale, "init_lr_frac": config.init_lr_frac,
+                    "num_iterations": config.num_iterations, "mixture": train_specs, "val_mixture": val_specs,
+                    "mixture_rows": len(train_set), "optimizer_warm_start": optimizer_warm_start,
+                    "chatcore": chatcore_results.get("chatcore"),
+                    "dataloader_state_dict": _gather_loader_states(loader.state_dict(), runtime),
+                    "loop_state": {"min_val_bpb": min_val_bpb, "smooth_train_loss": logger.smooth_loss,
+                                   "total_training_time": logger.elapsed, "progress": progress},
+                }
+                ckpt.save_checkpoint(ckpt_dir, step, model.state_dict(), optimizer.state_dict(), meta,
+                                     rank=runtime.rank)
+                logger.event(f"step {step} | saved checkpoint to {ckpt_dir}", runtime.is_master)
+            if last:
+                break
+
+            lrm = progress_lr_multiplier(progress, config.warmup_ratio, config.warmdown_ratio, config.final_lr_frac)
+            apply_schedule(optimizer, lrm, sft_muon_momentum(step))
+            with Timer(device) as timer:
+                loss = optimizer_step(train_model, optimizer, loader, supervised_mean_loss, runtime,
+                                      num_micro_steps=grad_accum, scaler=scaler)
+            logger.total_steps = estimated_total(step + 1, loader.progress)
+            record = logger.step(step, loss, timer.dt, lrm, runtime.is_master, epoch=loader.epoch,
+                                 progress=loader.progress)
+            step += 1
+            if step == first_step + 1:
+                # see base_train: freeze the setup heap out of the cyclic GC's scans
+                gc.collect()
+                gc.freeze()
+                gc.disable()
+            elif step % 5000 == 0:
+                gc.collect()
+    except NonFiniteLossError:
+        logger.close()
+        log.error("stopping at step %d: the loss is not finite; the last good checkpoint is kept", step)
+        raise
+    finally:
+        gc.enable()
+        logger.close()
+        sink.close()
+
+    metrics = {
+        "steps": step, "mixture_rows": len(train_set), "epoch_progress": loader.progress,
+        "padding_fraction": loader.padding_fraction, "skipped_conversations": loader.skipped,
+        "total_batch_size": total_batch_size,
+        "tokens": total_batch_size * step, "val_bpb": val_bpb,
+        "min_val_bpb": min_val_bpb if val_bpb is not None else None,
+        "chatcore": chatcore_results.get("chatcore"), "chatcore_accuracy": chatcore_results.get("accuracy"),
+        "final_loss": record.get("loss_ema"), "tok_per_sec": record.get("tok_per_sec"), "mfu": record.get("mfu"),
+        "train_time_s": logger.elapsed, "wall_time_s": time.time() - t_start,
+        "peak_memory_mib": peak_memory_bytes(device) / 2 ** 20, "checkpoint_dir": str(ckpt_dir),
+        "hyperparameters": {k: {"value": v["value"], "source": v["source"]} for k, v in resolved.items()},
+        "optimizer_warm_start": optimizer_warm_start,
+    }
+    if runtime.is_master:
+        log.info("peak memory %.0f MiB; training time %.1f s; padding %.1f%% of rows; val bpb %s",
+                 metrics["peak_memory_mib"], metrics["train_time_s"], 100 * loader.padding_fraction,
+                 f"{val_bpb:.4f}" if val_bpb is not None else "n/a")
+        log_section(base_dir, "SFT", {"config": user_config, "mixture": train_lines, "val_mixture": val_lines,
+                                      "metrics": metrics})
+    return metrics
