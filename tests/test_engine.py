@@ -1,0 +1,254 @@
+"""The inference engine: KV-cached decoding matches the plain forward pass, sampling is
+seeded and per-row, and the calculator tool's output is forced into the right rows."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from nanochat.attention import KVCache
+from nanochat.engine import Engine, sample_next_token
+from nanochat.gpt import GPTConfig, build_model
+
+
+def _random_gpt(dtype: torch.dtype = torch.float32, sequence_len: int = 512, vocab_size: int = 300) -> nn.Module:
+    """A tiny GPT whose weights are random but not degenerate (the real init zeroes the
+    output projections, which would make every position predict the same thing)."""
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=3, n_head=4, n_kv_head=2,
+                       n_embd=64, window_pattern="SSL")  # "S" = 128 positions at sequence_len 512
+    model = build_model(config, "cpu", dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+        model.smear_lambda.fill_(0.5)  # exercise the smear state the cache carries
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def gpt() -> nn.Module:
+    return _random_gpt()
+
+
+PROMPT = [1, 7, 42, 99, 3, 250, 17, 64, 128, 5]
+
+
+# -----------------------------------------------------------------------------
+# Against the uncached model
+
+def test_cached_greedy_decode_equals_uncached_forward(gpt):
+    # a 140-token prompt then 16 tokens: prefill and decode both run past the 128-token
+    # sliding window of the "S" layers (windowed prefill mask, sliced decode keys)
+    assert min(gpt.window_sizes) == 128
+    prompt = torch.randint(0, 300, (140,), generator=torch.Generator().manual_seed(1)).tolist()
+    reference = list(gpt.generate(prompt, max_tokens=16, temperature=0.0))
+    engine = Engine(gpt, None)
+    got = [column[0] for column, _ in engine.generate(prompt, max_tokens=16, temperature=0.0)]
+    assert got == reference
+    assert len(set(reference)) > 3  # a real continuation, not one token repeated
+    # several rows from one prefill: every row is the same greedy continuation
+    seqs, masks = engine.generate_batch(prompt, num_samples=3, max_tokens=8, temperature=0.0)
+    assert all(s == prompt + reference[:8] for s in seqs)
+    assert all(m == [0] * len(prompt) + [1] * 8 for m in masks)
+    # and from a short prompt (the cache smaller than a window)
+    reference = list(gpt.generate(PROMPT, max_tokens=12, temperature=0.0))
+    assert [c[0] for c, _ in engine.generate(PROMPT, max_tokens=12, temperature=0.0)] == reference
+
+
+def test_kv_cache_sized_and_typed_for_the_generation():
+    model = _random_gpt(torch.bfloat16)
+    made: list[KVCache] = []
+    original = model.make_kv_cache
+
+    def spy(batch_size, seq_len):
+        made.append(original(batch_size, seq_len))
+        return made[-1]
+
+    model.make_kv_cache = spy
+    seqs, _ = Engine(model, None).generate_batch(PROMPT, num_samples=4, max_tokens=6, temperature=1.0)
+    # the last sampled token is never fed back, so the cache is one slot shorter than the sequence
+    assert [(c.batch_size, c.max_seq_len) for c in made] == [(1, len(PROMPT)), (4, len(PROMPT) + 5)]
+    assert all(c.dtype == torch.bfloat16 for c in made)
+    assert made[-1].get_pos() == len(PROMPT) + 5
+    assert all(len(s) == len(PROMPT) + 6 for s in seqs)
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+def test_rows_differ_when_sampling_and_agree_when_greedy(gpt):
+    engine = Engine(gpt, None)
+    hot, _ = engine.generate_batch(PROMPT, num_samples=8, max_tokens=12, temperature=1.0)
+    assert len({tuple(s) for s in hot}) == 8
+    first_tokens = {s[len(PROMPT)] for s in hot}
+    assert len(first_tokens) > 1  # each row samples its own first token from the shared prefill
+    cold, _ = engine.generate_batch(PROMPT, num_samples=8, max_tokens=12, temperature=0.0)
+    assert len({tuple(s) for s in cold}) == 1
+
+
+def test_seed_reproduces_and_different_seeds_differ(gpt):
+    engine = Engine(gpt, None)
+    runs = [engine.generate_batch(PROMPT, num_samples=2, max_tokens=6, seed=s, top_k=50)[0] for s in (7, 7, 8)]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+    greedy = [engine.generate_batch(PROMPT, max_tokens=6, temperature=0.0, seed=s)[0] for s in (1, 2)]
+    assert greedy[0] == greedy[1]
+
+
+def test_max_tokens(gpt):
+    engine = Engine(gpt, None)
+    for n in (0, 1, 5):
+        steps = list(engine.generate(PROMPT, num_samples=2, max_tokens=n))
+        assert len(steps) == n and all(len(col) == 2 for col, _ in steps)
+    # None: until the model's sequence_len is filled
+    short = _random_gpt(sequence_len=32)
+    assert len(list(Engine(short, None).generate(PROMPT, max_tokens=None, temperature=0.0))) == 32 - len(PROMPT)
+
+
+def test_sample_next_token_top_k_and_temperature():
+    logits = torch.tensor([[0.0, 5.0, 4.0, 3.0, -1.0, 2.0]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert sample_next_token(logits, g, temperature=0.0).unique().tolist() == [1]
+    assert sample_next_token(logits, g, temperature=1.0, top_k=1).unique().tolist() == [1]
+    top3 = sample_next_token(logits, g, temperature=1.0, top_k=3)
+    assert set(top3.unique().tolist()) == {1, 2, 3}
+    everything = sample_next_token(logits, g, temperature=5.0)
+    assert set(everything.unique().tolist()) == set(range(6))
+    assert top3.shape == (2000, 1) and top3.dtype == torch.int64
+
+
+def test_bad_arguments_raise_value_error(gpt):
+    engine = Engine(gpt, None)
+    for kwargs in ({"tokens": []}, {"tokens": PROMPT, "num_samples": 0}, {"tokens": PROMPT, "temperature": -1.0},
+                   {"tokens": PROMPT, "top_k": 0}, {"tokens": [0] * (gpt.rotary_seq_len + 1)}):
+        with pytest.raises(ValueError):
+            next(engine.generate(**{"max_tokens": 4, **kwargs}))
+
+
+# -----------------------------------------------------------------------------
+# Tool use, with a model that follows a script
+
+class ScriptedModel(nn.Module):
+    """Predicts, at absolute position p, the token `script[p]` (a huge logit), whatever
+    came before. Positions come from the KV cache, so a forced token occupies its place
+    in the script like any other: the script holds placeholders there."""
+
+    def __init__(self, script: dict[int, int], vocab_size: int, filler: int):
+        super().__init__()
+        self.script, self.vocab_size, self.filler = script, vocab_size, filler
+        self.config = GPTConfig(sequence_len=256, vocab_size=vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=8)
+        self.anchor = nn.Parameter(torch.zeros(1))  # gives the module a device
+
+    def get_device(self) -> torch.device:
+        return self.anchor.device
+
+    def make_kv_cache(self, batch_size: int, seq_len: int) -> KVCache:
+        return KVCache(batch_size, 1, seq_len, 8, 1, self.get_device(), torch.float32)
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        B, T = idx.shape
+        start = kv_cache.get_pos() if kv_cache is not None else 0
+        logits = torch.zeros(B, T, self.vocab_size)
+        for t in range(T):
+            # the logits at input position q predict the token at position q + 1
+            logits[:, t, self.script.get(start + t + 1, self.filler)] = 100.0
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return logits
+
+
+def _script_run(tokenizer, prompt: list[int], generated: list[int], num_samples: int = 1):
+    script = {len(prompt) + i: tok for i, tok in enumerate(generated)}
+    filler = tokenizer.encode("~")[0]
+    model = ScriptedModel(script, tokenizer.get_vocab_size(), filler)
+    engine = Engine(model, tokenizer)
+    steps = list(engine.generate(prompt, num_samples=num_samples, max_tokens=len(generated) + 5, temperature=0.0))
+    return engine, steps
+
+
+def test_calculator_output_is_forced_then_sampling_resumes(tiny_tokenizer):
+    tok = tiny_tokenizer
+    sp = tok.encode_special
+    prompt = [tok.get_bos_token_id(), sp("<|user_start|>"), *tok.encode("What is 12*3?"), sp("<|user_end|>"),
+              sp("<|assistant_start|>")]
+    forced = [sp("<|output_start|>"), *tok.encode("36"), sp("<|output_end|>")]
+    placeholder = tok.encode("Z")[0]  # what the model "says" where the tool output goes
+    before = tok.encode("Let me compute ") + [sp("<|python_start|>"), *tok.encode("12*3"), sp("<|python_end|>")]
+    after = tok.encode(" so the answer is 36.")
+    generated = before + [placeholder] * len(forced) + after + [sp("<|assistant_end|>")]
+    engine, steps = _script_run(tok, prompt, generated, num_samples=2)
+
+    columns = [col for col, _ in steps]
+    masks = [m for _, m in steps]
+    expected = before + forced + after + [sp("<|assistant_end|>")]
+    assert len(steps) == len(expected)  # stopped at <|assistant_end|>
+    for row in range(2):
+        assert [c[row] for c in columns] == expected
+        assert [m[row] for m in masks] == [0] * len(before) + [1] * len(forced) + [0] * (len(after) + 1)
+    assert placeholder not in [c[0] for c in columns]
+    assert tok.decode([c[0] for c in columns]).endswith("<|output_start|>36<|output_end|> so the answer is 36.<|assistant_end|>")
+
+    seqs, seq_masks = engine.generate_batch(prompt, num_samples=2, max_tokens=len(generated) + 5, temperature=0.0)
+    assert seqs[0] == prompt + before + forced + after  # the terminal token is left out
+    assert seq_masks[0] == [0] * len(prompt) + [1] * len(before) + [0] * len(forced) + [1] * len(after)
+
+
+def test_refused_expression_forces_an_error_message(tiny_tokenizer):
+    tok = tiny_tokenizer
+    sp = tok.encode_special
+    prompt = [tok.get_bos_token_id(), sp("<|assistant_start|>")]
+    call = [sp("<|python_start|>"), *tok.encode("__import__('os')"), sp("<|python_end|>")]
+    _, steps = _script_run(tok, prompt, call + [tok.encode("Z")[0]] * 40)
+    tokens = [col[0] for col, _ in steps]
+    out_start, out_end = tokens.index(sp("<|output_start|>")), tokens.index(sp("<|output_end|>"))
+    assert out_start == len(call)
+    assert tok.decode(tokens[out_start + 1:out_end]).startswith("Error: function calls are not supported")
+    assert all(m[0] == 1 for _, m in steps[out_start:out_end + 1])
+
+
+def test_rows_end_independently_on_assistant_end_or_bos(tiny_tokenizer):
+    tok = tiny_tokenizer
+    sp = tok.encode_special
+    body = tok.encode("hello there")
+    prompt = [tok.get_bos_token_id()]
+    # both rows follow the same script, which ends with <|bos|>: a document boundary also ends a row
+    engine, steps = _script_run(tok, prompt, body + [tok.get_bos_token_id()], num_samples=2)
+    assert len(steps) == len(body) + 1
+    seqs, _ = engine.generate_batch(prompt, num_samples=2, max_tokens=50, temperature=0.0)
+    assert seqs == [prompt + body] * 2
+    # a python block that never closes forces nothing
+    _, steps = _script_run(tok, prompt, [sp("<|python_start|>"), *tok.encode("1+1")] + [sp("<|assistant_end|>")])
+    assert all(m == [0] for _, m in steps)
+
+
+# -----------------------------------------------------------------------------
+# The inference benchmark (smoke test at toy size; real numbers come from the CLI)
+
+def test_bench_infer_smoke(tmp_path, capsys):
+    import json
+
+    from nanochat.common import Runtime
+    from nanochat.stages import bench_infer
+
+    config = bench_infer.Config(depth=2, sequence_len=512, vocab_size=512, batch_sizes=(1, 3), prompt_len=16,
+                                decode_tokens=4, positions=(16, 200), repeats=1, threads=1)
+    config.validate()
+    runtime = Runtime(device=torch.device("cpu"), dtype=torch.float32, base_dir=tmp_path)  # no checkpoint there
+    threads_before = torch.get_num_threads()
+    metrics = bench_infer.run(config, runtime)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1]) == json.loads(json.dumps(metrics))
+    assert "random d2 model" in metrics["model"] and metrics["random_init"]
+    assert [r["batch"] for r in metrics["batches"]] == [1, 3]
+    assert all(r["step_ms"] > 0 and r["tokens_per_s"] > 0 and r["ttft_ms"] > 0 for r in metrics["batches"])
+    assert [r["position"] for r in metrics["positions"]] == [16, 200]
+    assert metrics["torch_threads"] == 1 and torch.get_num_threads() == threads_before  # restored afterwards
+    # "S" windows are 128 at sequence_len 512: past them only the "L" layer reads more keys
+    model = bench_infer._random_model(config, runtime, "test").model
+    assert model.window_sizes == [128, 512]
+    per_position = 2 * model.config.n_kv_head * model.config.head_dim * 4
+    assert bench_infer.kv_bytes_read(model, 1, 100) == (101 + 101) * per_position
+    assert bench_infer.kv_bytes_read(model, 2, 300) == 2 * (129 + 301) * per_position
+    with pytest.raises(ValueError):
+        bench_infer.Config(random_init=True, source="sft").validate()
