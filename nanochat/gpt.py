@@ -1,0 +1,734 @@
+"""
+The GPT model: a decoder-only Transformer with the reference nanochat's architecture,
+so checkpoints move between the two (same state_dict names, shapes and semantics).
+
+Features
+- rotary position embeddings, no learned positions (Su et al. 2021,
+  https://arxiv.org/abs/2104.09864), base 100000, "half split" pairing (channel c is
+  rotated with channel c + head_dim/2), precomputed for 10x sequence_len
+- QK norm: parameter-free RMSNorm on q and k after the rotation, then both scaled by 1.2
+  (Henry et al. 2020, https://arxiv.org/abs/2010.04245)
+- grouped-query attention, n_kv_head dividing n_head (Ainslie et al. 2023,
+  https://arxiv.org/abs/2305.13245)
+- sliding-window attention from `window_pattern` tiled over the layers: "L" sees
+  sequence_len tokens back, "S" a quarter of that rounded up to 128; the last layer is
+  always "L"
+- ReLU^2 MLP with 4x expansion (So et al. 2021, https://arxiv.org/abs/2109.08668)
+- parameter-free RMSNorm (Zhang & Sennrich 2019, https://arxiv.org/abs/1910.07467),
+  applied after the token embedding, before each sublayer and before the head
+- no biases; untied token embedding (wte) and unembedding (lm_head)
+- value embeddings (ResFormer, Zhou et al. 2024, https://arxiv.org/abs/2410.17897):
+  alternating layers, the last included, add a per-token embedding to v through an
+  input-dependent per-head gate 3*sigmoid(W x[:12]) in (0, 3)
+- per-layer scalars (modded-nanogpt): before block i, x = resid_lambdas[i] * x +
+  x0_lambdas[i] * x0, with x0 the normalized (smeared) embedding
+- smear: each token's embedding gets the previous token's mixed in through a gate
+  smear_lambda * sigmoid(W x[:24]) (cheap bigram information)
+- backout: the residual stream after layer n_layer // 2 is scaled by backout_lambda and
+  subtracted before the final norm
+- logits softcap 15 * tanh(z / 15) in fp32 (Gemma 2, https://arxiv.org/abs/2408.00118)
+- vocabulary padded to a multiple of 64 (faster matmuls); logits are cropped back
+- off CUDA, the training loss is computed in row chunks by a fused head + softcap +
+  cross-entropy that never holds the full (B*T, vocab) fp32 logits (`head_loss`); on
+  CUDA the reference's plain formulation, which torch.compile fuses (`chunked_loss`)
+- activation memory: RMSNorm saves its output instead of its input and the ReLU^2 MLP
+  keeps only its hidden pre-activation for the backward (depth 6, batch 32 x 512,
+  vocab 32768 trains in about 2.2 GiB peak RSS on CPU in bf16, optimizer included, once
+  `common.limit_cpu_malloc_caching` stops glibc from hoarding freed buffers)
+
+Compute policy: parameters are fp32 masters; every matmul runs in `compute_dtype`
+(a constructor argument, chosen by the CLI's Runtime) by casting the weight in
+`Linear.forward`, and activations flow in that dtype from the embedding on. As in the
+reference, `init_weights` stores the two kinds of embedding tables in the compute dtype
+(not for fp16, whose GradScaler cannot unscale fp16 gradients).
+
+Building: construct on the meta device, `to_empty(device=...)`, then `init_weights()`
+sets every tensor (`build_model` does all three). Init table (s = sqrt(3 / n_embd), so
+U(-s, s) has std 1/sqrt(n_embd)):
+
+  tensor                         shape                    init
+  transformer.wte.weight         (V_pad, n_embd)          N(0, 0.8)
+  lm_head.weight                 (V_pad, n_embd)          N(0, 0.001)
+  h.i.attn.c_q.weight            (n_head*hd, n_embd)      U(-s, s)
+  h.i.attn.c_k / c_v.weight      (n_kv_head*hd, n_embd)   U(-s, s)
+  h.i.attn.c_proj.weight         (n_embd, n_embd)         0
+  h.i.attn.ve_gate.weight        (n_kv_head, 12)          U(0, 0.02)   value-embedding layers only
+  h.i.mlp.c_fc.weight            (4*n_embd, n_embd)       U(-0.4 s, 0.4 s)
+  h.i.mlp.c_proj.weight          (n_embd, 4*n_embd)       0
+  value_embeds.i.weight          (V_pad, n_kv_head*hd)    U(-s, s)
+  resid_lambdas                  (n_layer,)               1.15 - 0.10 * i / max(n_layer-1, 1)
+  x0_lambdas                     (n_layer,)               0.20 - 0.15 * i / max(n_layer-1, 1)
+  smear_gate.weight              (1, 24)                  U(0, 0.02)
+  smear_lambda                   (1,)                     0
+  backout_lambda                 (1,)                     0.2
+  cos, sin (buffers, not saved)  (1, 10*seq_len, 1, hd/2) rotary tables
+
+(h.i = transformer.h.i). The reference leaves the last three parameters uninitialized
+when built on the meta device (garbage that turns into NaN at depth 6); here the two
+lambdas get the values its constructor intends and the smear gate is drawn like the
+value-embedding gates.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from nanochat.attention import KVCache, attend, log_backend
+
+log = logging.getLogger("nanochat.gpt")
+
+ROPE_BASE = 100_000
+ROPE_LENGTH_FACTOR = 10  # rotary tables cover 10x sequence_len (KV-cache decoding may run long)
+QK_SCALE = 1.2  # multiplies q and k after QK norm: sharper attention (1.44 on the logits)
+VE_GATE_CHANNELS = 12  # value-embedding gate reads the first 12 channels of the block input
+SMEAR_CHANNELS = 24  # smear gate reads the first 24 channels of the embedding
+LOGIT_SOFTCAP = 15.0
+IGNORE_INDEX = -1
+SHORT_WINDOW_TILE = 128  # "S" windows are rounded up to FA3's tile size
+
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6  # query heads
+    n_kv_head: int = 6  # key/value heads (GQA when fewer than n_head)
+    n_embd: int = 768
+    # tiled over the layers, last layer always "L": L = full context, S = about a quarter
+    window_pattern: str = "SSSL"
+
+    def validate(self) -> None:
+        """Raise ValueError naming every inconsistent field."""
+        problems = []
+        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be at least 1")
+        if not problems:
+            if self.n_embd % self.n_head:
+                problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+            elif (self.n_embd // self.n_head) % 2:
+                problems.append(f"head_dim={self.n_embd // self.n_head} must be even for rotary embeddings")
+            if self.n_kv_head > self.n_head or self.n_head % self.n_kv_head:
+                problems.append(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        if not self.window_pattern or set(self.window_pattern.upper()) - set("SL"):
+            problems.append(f"window_pattern={self.window_pattern!r} must be a non-empty string of S and L")
+        if problems:
+            raise ValueError("invalid GPTConfig: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+# -----------------------------------------------------------------------------
+# Helpers
+
+class _RMSNormFn(torch.autograd.Function):
+    """scale * F.rms_norm(x) whose backward keeps the output (which the next layer
+    saves anyway: the matmul input, or SDPA's q/k) plus one rstd per row, instead of
+    the input (PyTorch's CPU kernel even keeps an fp32 copy of a bf16 input)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        # F.rms_norm's own steps (upcast, mean of squares + the accumulation dtype's
+        # epsilon, rsqrt, multiply, downcast; bitwise equal to it on CPU), done here to
+        # keep rstd for the backward
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xf = x.to(acc)
+        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + torch.finfo(acc).eps)  # (..., 1)
+        y = (xf * rstd).to(x.dtype)
+        if scale != 1.0:
+            y = y * scale
+        ctx.save_for_backward(y, rstd)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        y, rstd = ctx.saved_tensors
+        # with n = x * rstd = y / s and dn = s * g: dx = rstd * (dn - n * mean(dn * n))
+        #   = rstd * (s * g - (y / s) * mean(g * y))        (fewest passes over the tensor)
+        s = ctx.scale
+        yf, g = y.to(rstd.dtype), grad.to(rstd.dtype)
+        m = (g * yf).mean(-1, keepdim=True)
+        return torch.addcmul(g * s, yf, m, value=-1.0 / s).mul_(rstd).to(y.dtype), None
+
+
+def norm(x: Tensor, scale: float = 1.0) -> Tensor:
+    """RMSNorm over the last dimension, no learnable gain, times `scale`; x's dtype."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _RMSNormFn.apply(x, scale)
+    y = F.rms_norm(x, (x.size(-1),))
+    return y * scale if scale != 1.0 else y
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose fp32 master weight is cast to the input's dtype for the matmul.
+    Activations already flow in the compute dtype, so this is what sets the matmul
+    precision (replacing autocast)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+def has_value_embedding(layer: int, n_layer: int) -> bool:
+    """Alternating layers carry value embeddings, counted so the last one does."""
+    return layer % 2 == (n_layer - 1) % 2
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    return -(-vocab_size // multiple) * multiple
+
+
+def window_sizes(config: GPTConfig) -> list[int]:
+    """Per-layer left window (earlier tokens each query may see besides itself)."""
+    long_window = config.sequence_len
+    short_window = -(-long_window // 4 // SHORT_WINDOW_TILE) * SHORT_WINDOW_TILE  # 2048 -> 512, 512 -> 128
+    pattern = config.window_pattern.upper()
+    sizes = [long_window if pattern[i % len(pattern)] == "L" else short_window for i in range(config.n_layer)]
+    sizes[-1] = long_window
+    return sizes
+
+
+def rotary_tables(seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device | str | None = None,
+                  base: float = ROPE_BASE) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (1, seq_len, 1, head_dim/2): angle t * base^(-2c/head_dim) for
+    position t and channel pair c, computed in fp32, stored in `dtype`."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos().to(dtype)[None, :, None, :], angles.sin().to(dtype)[None, :, None, :]
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate channel pairs (c, c + D/2) of x (B, T, H, D) by the per-position angles."""
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+# -----------------------------------------------------------------------------
+# Attention
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        c, kv = config.n_embd, config.n_kv_head * config.head_dim
+        self.c_q = Linear(c, config.n_head * self.head_dim, bias=False)
+        self.c_k = Linear(c, kv, bias=False)
+        self.c_v = Linear(c, kv, bias=False)
+        self.c_proj = Linear(c, c, bias=False)
+        self.ve_gate = (Linear(VE_GATE_CHANNELS, config.n_kv_head, bias=False)
+                        if has_value_embedding(layer_idx, config.n_layer) else None)
+
+    def forward(self, x: Tensor, ve: Tensor | None, rotary: tuple[Tensor, Tensor], window: int,
+                kv_cache: KVCache | None, masks: dict) -> Tensor:
+        B, T, _ = x.shape  # x: (B, T, C), already normalized
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:
+            # value residual: v += gate * ve, one gate in (0, 3) per token and kv head
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv)
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+        cos, sin = rotary
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = norm(q, QK_SCALE), norm(k, QK_SCALE)  # QK norm
+        y = attend(q, k, v, window, kv_cache, self.layer_idx, masks)  # (B, T, H, D)
+        return self.c_proj(y.reshape(B, T, -1))
+
+
+# -----------------------------------------------------------------------------
+# MLP and block
+
+class _ReluSquaredProj(torch.autograd.Function):
+    """y = relu(h)^2 @ w^T that keeps only h (B, T, 4C) for the backward, recomputing
+    relu(h)^2 there; autograd would keep relu(h) and relu(h)^2 (twice the bytes)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, w: Tensor) -> Tensor:
+        ctx.save_for_backward(h, w)
+        return F.linear(F.relu(h).square(), w.to(h.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        h, w = ctx.saved_tensors
+        r = F.relu(h)
+        a = r.square()
+        grad_w = grad.reshape(-1, grad.size(-1)).t() @ a.reshape(-1, a.size(-1))  # (C, 4C)
+        grad_h = (grad @ w.to(h.dtype)) * (2 * r)  # zero where h <= 0, as relu's backward
+        return grad_h, grad_w.to(w.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.c_fc(x)  # (B, T, 4C)
+        if type(self.c_proj) is Linear:
+            return _ReluSquaredProj.apply(h, self.c_proj.weight)
+        return self.c_proj(F.relu(h).square())  # c_proj swapped (fp8): let the module run
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, ve: Tensor | None, rotary: tuple[Tensor, Tensor], window: int,
+                kv_cache: KVCache | None, masks: dict) -> Tensor:
+        x = x + self.attn(norm(x), ve, rotary, window, kv_cache, masks)
+        return x + self.mlp(norm(x))
+
+
+# -----------------------------------------------------------------------------
+# Head + loss without the full logits
+#
+# For N = B*T rows and vocabulary V the fp32 logits are N*V*4 bytes (2 GiB at batch
+# 32 x 512 tokens, V = 32768), and autograd would keep several such tensors for the
+# backward. Instead rows are processed in chunks of about 2^24 logits: each chunk's
+# logits, softcap, log-sum-exp and (when training) gradient are computed and dropped
+# before the next. With d = dL/dlogits_raw per chunk,
+#     dL/dz = softmax(z) - onehot(target),  z = cap * tanh(u / cap),  dz/du = 1 - tanh^2,
+#     grad_x = d @ W,  grad_W = d^T @ x.
+# For "mean"/"sum" the gradient is computed during the forward pass (the upstream
+# gradient is one scalar, applied in backward), so the head's logits are computed once;
+# for "none" (per-row losses, e.g. RL) they are recomputed chunk by chunk in backward.
+
+LOSS_CHUNK_ELEMENTS = 1 << 24
+
+
+def _chunk_rows(vocab: int, chunk_rows: int | None) -> int:
+    return chunk_rows if chunk_rows else max(1, LOSS_CHUNK_ELEMENTS // vocab)
+
+
+# exp(z) of capped logits |z| <= softcap cannot overflow fp32 (nor underflow to a zero
+# sum) below this cap, so the log-sum-exp needs no max subtraction (one pass fewer).
+_SHIFT_FREE_SOFTCAP = 30.0
+# The elementwise work on a chunk's logits runs on pieces of about this many logits, so
+# that its fp32 workspaces (2 x 512 KiB) stay in the CPU's L2 cache between passes.
+LOSS_PIECE_ELEMENTS = 1 << 17
+
+
+def _head_chunks(x: Tensor, weight: Tensor, targets: Tensor, vocab_size: int, softcap: float,
+                 chunk_rows: int, row_scale: Tensor | None, want_grad: bool
+                 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Per-row losses (N,) fp32 (0 where target == IGNORE_INDEX), and when `want_grad`
+    the gradients of sum(row_scale * losses) w.r.t. x (N, C; x's dtype) and weight
+    (V_pad, C; fp32). row_scale None means 1 for every row.
+
+    Speed (this is most of a CPU training step at small depth): the matmuls run on chunks
+    of `chunk_rows` rows, the ~10 elementwise passes of softcap, softmax and gradient on
+    pieces of a few rows whose fp32 workspaces stay in cache (3-4x faster on a CPU than
+    streaming whole chunks through memory), and every buffer is allocated once per call:
+    fresh tensors of tens of MiB per chunk would each be mmap'ed and page-faulted in.
+    The gradient overwrites the raw logits it came from.
+    """
+    n, C, dev = x.size(0), x.size(1), x.device
+    w = weight[:vocab_size].to(x.dtype)  # (V, C): the padded rows never reach a logit
+    losses = torch.empty(n, dtype=torch.float32, device=dev)
+    grad_x = torch.empty_like(x) if want_grad else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if want_grad else None
+    rows = max(1, min(chunk_rows, n))
+    piece = max(1, min(rows, LOSS_PIECE_ELEMENTS // vocab_size))
+    valid = targets != IGNORE_INDEX  # (N,)
+    safe = targets.clamp(min=0).long().unsqueeze(1)  # (N, 1): a harmless index for ignored rows
+    scale = valid.float() if row_scale is None else row_scale.float() * valid  # (N,)
+    raw_buf = torch.empty(rows, vocab_size, dtype=x.dtype, device=dev)  # u = x @ w^T, then dL/du
+    t_buf = torch.empty(piece, vocab_size, dtype=torch.float32, device=dev)  # tanh(u / cap), then its square
+    e_buf = torch.empty_like(t_buf)  # exp(z), then the gradient in fp32
+    low = x.dtype != torch.float32
+    # the chunk's grad_w in x.dtype, and in fp32 for the accumulation (an op mixing dtypes
+    # would allocate a converted temporary on every call)
+    gw_buf = torch.empty(vocab_size, C, dtype=x.dtype, device=dev) if want_grad and low else None
+    gw32_buf = torch.empty(vocab_size, C, dtype=torch.float32, device=dev) if want_grad and low else None
+    for start in range(0, n, rows):
+        end = min(start + rows, n)
+        xc, raw = x[start:end], raw_buf[:end - start]
+        torch.mm(xc, w.t(), out=raw)
+        for p0 in range(start, end, piece):
+            p1 = min(p0 + piece, end)
+            t, e, u = t_buf[:p1 - p0], e_buf[:p1 - p0], raw[p0 - start:p1 - start]
+            t.copy_(u).div_(softcap).tanh_()
+            torch.mul(t, softcap, out=e)  # z, the capped logits
+            shift = None
+            if softcap > _SHIFT_FREE_SOFTCAP:
+                shift = e.amax(dim=1, keepdim=True)
+                e.sub_(shift)
+            sumexp = e.exp_().sum(dim=1)  # (p,)
+            lse = sumexp.log() if shift is None else sumexp.log() + shift.squeeze(1)
+            t_target = t.gather(1, safe[p0:p1])  # (p, 1)
+            losses[p0:p1] = torch.where(valid[p0:p1], lse - softcap * t_target.squeeze(1), 0.0)
+            if not want_grad:
+                continue
+            # dL/du = (softmax(z) - onehot) * (1 - t^2), from the unnormalized exp(z - shift):
+            # e * (1 - t^2), minus sumexp * (1 - t_target^2) at the target, times scale / sumexp
+            t.square_()
+            e.addcmul_(e, t, value=-1.0)
+            e.scatter_add_(1, safe[p0:p1], -(1.0 - t_target.square()) * sumexp.unsqueeze(1))
+            u.copy_(e.mul_((scale[p0:p1] / sumexp).unsqueeze(1)))
+        if not want_grad:
+            continue
+        torch.mm(raw, w, out=grad_x[start:end])
+        if low:
+            torch.mm(raw.t(), xc, out=gw_buf)
+            grad_w[:vocab_size].add_(gw32_buf.copy_(gw_buf))
+        else:
+            grad_w[:vocab_size].addmm_(raw.t(), xc)
+    return losses, grad_x, grad_w
+
+
+class _HeadLossSum(torch.autograd.Function):
+    """sum of the per-row losses; gradients computed in forward, scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_size, softcap, chunk_rows):
+        losses, grad_x, grad_w = _head_chunks(x, weight, targets, vocab_size, softcap, chunk_rows, None, True)
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return losses.sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x, grad_w = ctx.saved_tensors
+        return ((grad_x * grad_out.to(grad_x.dtype)), (grad_w * grad_out).to(ctx.weight_dtype),
+                None, None, None, None)
+
+
+class _HeadLossRows(torch.autograd.Function):
+    """(N,) per-row losses; the backward recomputes the logits chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_size, softcap, chunk_rows):
+        losses, _, _ = _head_chunks(x, weight, targets, vocab_size, softcap, chunk_rows, None, False)
+        ctx.save_for_backward(x, weight, targets)
+        ctx.args = (vocab_size, softcap, chunk_rows)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        x, weight, targets = ctx.saved_tensors
+        _, grad_x, grad_w = _head_chunks(x, weight, targets, *ctx.args, row_scale=grad_rows, want_grad=True)
+        return grad_x, grad_w.to(weight.dtype), None, None, None, None
+
+
+def head_loss(x: Tensor, weight: Tensor, targets: Tensor, vocab_size: int, reduction: str = "mean",
+              softcap: float = LOGIT_SOFTCAP, chunk_rows: int | None = None) -> Tensor:
+    """Cross-entropy of softcap(x @ weight[:vocab_size]^T) against targets, chunked.
+
+    x: (N, C) final hidden states in the compute dtype; weight: (V_pad, C) the lm_head
+    master weight; targets: (N,) with IGNORE_INDEX (-1) for positions without a loss.
+    reduction: "mean" over the non-ignored rows, "sum", or "none" for (N,) fp32 losses
+    (0 at ignored rows). Equals F.cross_entropy on the full fp32 softcapped logits.
+    """
+    if torch.compiler.is_compiling():
+        # keep the chunk loop eager: tracing would unroll every chunk into the graph
+        # (torch.compiler.disable is looked up here, not at import, where it costs a second)
+        return torch.compiler.disable(_head_loss)(x, weight, targets, vocab_size, reduction, softcap, chunk_rows)
+    return _head_loss(x, weight, targets, vocab_size, reduction, softcap, chunk_rows)
+
+
+def _head_loss(x: Tensor, weight: Tensor, targets: Tensor, vocab_size: int, reduction: str, softcap: float,
+               chunk_rows: int | None) -> Tensor:
+    rows = _chunk_rows(vocab_size, chunk_rows)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if reduction == "none":
+        if needs_grad:
+            return _HeadLossRows.apply(x, weight, targets, vocab_size, softcap, rows)
+        return _head_chunks(x, weight, targets, vocab_size, softcap, rows, None, False)[0]
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_reduction={reduction!r} is not one of 'mean', 'sum', 'none'")
+    if needs_grad:
+        total = _HeadLossSum.apply(x, weight, targets, vocab_size, softcap, rows)
+    else:
+        total = _head_chunks(x, weight, targets, vocab_size, softcap, rows, None, False)[0].sum()
+    if reduction == "sum":
+        return total
+    return total / (targets != IGNORE_INDEX).sum()  # 0/0 = nan when every target is ignored, as F.cross_entropy
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+class GPT(nn.Module):
+    """See the module docstring. Build with `build_model` (meta -> to_empty ->
+    init_weights); the constructor only declares shapes."""
+
+    def __init__(self, config: GPTConfig, pad_vocab_size_to: int = 64, compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        config.validate()
+        if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"compute_dtype {compute_dtype} is not one of float32, bfloat16, float16")
+        self.config = config
+        self.compute_dtype = compute_dtype
+        self.window_sizes = window_sizes(config)
+        # training loss in row chunks (None: everywhere but CUDA, where memory is ample
+        # and torch.compile fuses the plain version); rows per chunk (None: ~2^24 logits)
+        self.chunked_loss: bool | None = None
+        self.loss_chunk_rows: int | None = None
+        vocab = padded_vocab_size(config.vocab_size, pad_vocab_size_to)
+        if vocab != config.vocab_size:
+            log.debug("padding the vocabulary from %d to %d", config.vocab_size, vocab)
+        kv_dim = config.n_kv_head * config.head_dim
+        # registration order matches the reference, so parameter order (and hence the
+        # optimizer's state layout) does too
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(vocab, config.n_embd),
+            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        })
+        self.lm_head = Linear(config.n_embd, vocab, bias=False)
+        self.resid_lambdas = nn.Parameter(torch.empty(config.n_layer))
+        self.x0_lambdas = nn.Parameter(torch.empty(config.n_layer))
+        self.smear_gate = Linear(SMEAR_CHANNELS, 1, bias=False)
+        self.smear_lambda = nn.Parameter(torch.empty(1))
+        self.backout_lambda = nn.Parameter(torch.empty(1))
+        self.value_embeds = nn.ModuleDict({
+            str(i): nn.Embedding(vocab, kv_dim)
+            for i in range(config.n_layer) if has_value_embedding(i, config.n_layer)
+        })
+        self.rotary_seq_len = config.sequence_len * ROPE_LENGTH_FACTOR
+        cos, sin = rotary_tables(self.rotary_seq_len, config.head_dim, compute_dtype, device=self.lm_head.weight.device)
+        self.register_buffer("cos", cos, persistent=False)  # recomputed, never saved
+        self.register_buffer("sin", sin, persistent=False)
+
+    # --- initialization --------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Set every parameter and buffer (the table in the module docstring). Random
+        draws happen in the reference's order, then the smear gate."""
+        c = self.config.n_embd
+        s = math.sqrt(3.0 / c)  # uniform bound with std 1/sqrt(n_embd); uniform avoids outliers
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for block in self.transformer.h:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+                nn.init.uniform_(lin.weight, -s, s)
+            nn.init.zeros_(block.attn.c_proj.weight)  # each block starts as the identity
+            nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        n = self.config.n_layer
+        m = max(n - 1, 1)
+        self.resid_lambdas.copy_(torch.tensor([1.15 - 0.10 * i / m for i in range(n)]))  # stronger residual early
+        self.x0_lambdas.copy_(torch.tensor([0.20 - 0.15 * i / m for i in range(n)]))  # more embedding mixed in early
+        for ve in self.value_embeds.values():
+            nn.init.uniform_(ve.weight, -s, s)  # like c_v
+        for block in self.transformer.h:
+            if block.attn.ve_gate is not None:
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)  # gates start a bit above neutral
+        nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        self.smear_lambda.fill_(0.0)  # smear starts off
+        self.backout_lambda.fill_(0.2)
+        self.cos, self.sin = rotary_tables(self.rotary_seq_len, self.config.head_dim, self.compute_dtype,
+                                           device=self.lm_head.weight.device)
+        if self.compute_dtype != torch.float16:
+            # embedding rows only ever feed compute-dtype activations; storing them so halves their memory
+            self.transformer.wte.to(dtype=self.compute_dtype)
+            for ve in self.value_embeds.values():
+                ve.to(dtype=self.compute_dtype)
+
+    # --- forward ---------------------------------------------------------------
+
+    def get_device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    def _smear(self, x: Tensor, prev: Tensor | None) -> Tensor:
+        """x: (B, T, C) normalized embeddings; prev: (B, 1, C) embedding of the token
+        before x[:, 0] (from the KV cache) or None at the start of a sequence."""
+        lam = self.smear_lambda.to(x.dtype)
+        if prev is None:
+            gate = lam * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_CHANNELS]))  # (B, T-1, 1)
+            return torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+        before = torch.cat([prev.to(x.dtype), x[:, :-1]], dim=1)
+        return x + lam * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS])) * before
+
+    def hidden_states(self, idx: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+        """Final normalized hidden states (B, T, n_embd) in the compute dtype; advances
+        kv_cache by T when given."""
+        B, T = idx.shape
+        pos = 0 if kv_cache is None else kv_cache.get_pos()
+        if pos + T > self.cos.size(1):
+            raise ValueError(f"position {pos + T} is beyond the rotary tables ({self.cos.size(1)} = "
+                             f"{ROPE_LENGTH_FACTOR} x sequence_len); use shorter inputs")
+        if idx.device != self.cos.device:
+            raise ValueError(f"input is on {idx.device} but the model is on {self.cos.device}")
+        rotary = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]  # (1, T, 1, hd/2)
+
+        x = norm(self.transformer.wte(idx).to(self.compute_dtype))  # (B, T, C)
+        if kv_cache is None:
+            x = self._smear(x, None)
+        else:
+            prev, kv_cache.prev_embedding = kv_cache.prev_embedding, x[:, -1:].clone()
+            x = self._smear(x, prev)
+        x0 = x
+        masks: dict = {}  # attention masks shared by the layers of this pass
+        backout_layer = self.config.n_layer // 2
+        x_mid = x
+        for i, block in enumerate(self.transformer.h):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
+            x = block(x, ve, rotary, self.window_sizes[i], kv_cache, masks)
+            if i == backout_layer:
+                x_mid = x
+        x = norm(x - self.backout_lambda.to(x.dtype) * x_mid)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return x
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Hidden states (..., C) -> softcapped fp32 logits (..., vocab_size)."""
+        z = self.lm_head(x)[..., :self.config.vocab_size].float()
+        return LOGIT_SOFTCAP * torch.tanh(z / LOGIT_SOFTCAP)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, kv_cache: KVCache | None = None,
+                loss_reduction: str = "mean") -> Tensor:
+        """idx: (B, T) token ids. Without targets: logits (B, T, vocab_size) fp32. With
+        targets (B, T) (-1 = no loss): the cross-entropy, "mean" (scalar), "sum"
+        (scalar) or "none" ((B*T,) fp32)."""
+        if targets is not None and loss_reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"loss_reduction={loss_reduction!r} is not one of 'mean', 'sum', 'none'")
+        x = self.hidden_states(idx, kv_cache)
+        if targets is None:
+            return self.logits(x)
+        chunked = self.chunked_loss if self.chunked_loss is not None else x.device.type != "cuda"
+        if chunked:
+            return head_loss(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                             self.config.vocab_size, loss_reduction, chunk_rows=self.loss_chunk_rows)
+        logits = self.logits(x)  # (B, T, V) fp32
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                               reduction=loss_reduction)
+
+    def make_kv_cache(self, batch_size: int, seq_len: int) -> KVCache:
+        """An empty KV cache for this model: its heads, dims, device and compute dtype."""
+        c = self.config
+        return KVCache(batch_size=batch_size, num_heads=c.n_kv_head, seq_len=seq_len, head_dim=c.head_dim,
+                       num_layers=c.n_layer, device=self.get_device(), dtype=self.compute_dtype)
+
+    # --- accounting ------------------------------------------------------------
+
+    def _scalar_params(self) -> list[nn.Parameter]:
+        return [self.resid_lambdas, self.x0_lambdas, self.smear_gate.weight, self.smear_lambda, self.backout_lambda]
+
+    def estimate_flops(self) -> float:
+        """Training FLOPs per token: 6 per matmul weight (2 forward, 4 backward; Kaplan
+        et al. 2020) plus 12 * heads * head_dim * context per layer for QK^T and AV
+        (PaLM, https://arxiv.org/abs/2204.02311), the context capped by each layer's
+        window. Embedding lookups and scalars are not matmuls and are left out."""
+        nparams = sum(p.numel() for p in self.parameters())
+        lookup = self.transformer.wte.weight.numel() + sum(ve.weight.numel() for ve in self.value_embeds.values())
+        scalars = sum(p.numel() for p in self._scalar_params())
+        h, hd, t = self.config.n_head, self.config.head_dim, self.config.sequence_len
+        attn = sum(12 * h * hd * (t if w < 0 else min(w, t)) for w in self.window_sizes)
+        return 6 * (nparams - lookup - scalars) + attn
+
+    def num_scaling_params(self) -> dict[str, int]:
+        """Parameter counts per group (Kaplan et al. leave embeddings out, Chinchilla
+        counts everything; callers pick)."""
+        counts = {
+            "wte": self.transformer.wte.weight.numel(),
+            "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
+            "lm_head": self.lm_head.weight.numel(),
+            "transformer_matrices": sum(p.numel() for p in self.transformer.h.parameters()),
+            "scalars": sum(p.numel() for p in self._scalar_params()),
+        }
+        counts["total"] = sum(counts.values())
+        assert counts["total"] == sum(p.numel() for p in self.parameters()), "a parameter is in no group"
+        return counts
+
+    # --- optimizer -------------------------------------------------------------
+
+    def optimizer_groups(self, unembedding_lr: float = 0.004, embedding_lr: float = 0.2, matrix_lr: float = 0.02,
+                         weight_decay: float = 0.0, scalar_lr: float = 0.5,
+                         adam_betas: tuple[float, float] | None = None) -> list[dict]:
+        """The reference's param groups: AdamW for embeddings, head and scalars (LRs of
+        the first three scaled by 1/sqrt(n_embd/768)), Muon for the blocks' matrices
+        grouped by shape. `adam_betas` replaces every AdamW group's betas when given."""
+        matrices = list(self.transformer.h.parameters())
+        scale = (self.config.n_embd / 768) ** -0.5
+        log.info("AdamW LRs scaled by 1/sqrt(%d/768) = %.6f", self.config.n_embd, scale)
+
+        def adamw(params, lr, betas, wd):
+            return dict(kind="adamw", params=params, lr=lr, betas=adam_betas or betas, eps=1e-10, weight_decay=wd)
+
+        groups = [
+            adamw(list(self.lm_head.parameters()), unembedding_lr * scale, (0.8, 0.96), 0.01),
+            adamw(list(self.transformer.wte.parameters()), embedding_lr * scale, (0.8, 0.995), 0.001),
+            adamw(list(self.value_embeds.parameters()), embedding_lr * scale * 0.5, (0.8, 0.995), 0.01),
+            adamw([self.resid_lambdas], scalar_lr * 0.01, (0.8, 0.95), 0.05),
+            adamw([self.x0_lambdas], scalar_lr, (0.96, 0.95), 0.0),  # higher beta1 for x0
+            adamw([self.smear_gate.weight, self.smear_lambda, self.backout_lambda], 0.2, (0.8, 0.95), 0.0),
+        ]
+        for shape in sorted({p.shape for p in matrices}):
+            groups.append(dict(kind="muon", params=[p for p in matrices if p.shape == shape], lr=matrix_lr,
+                               momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=weight_decay))
+        grouped = sum(len(g["params"]) for g in groups)
+        assert grouped == len(list(self.parameters())), "a parameter is in no optimizer group"
+        return groups
+
+    def setup_optimizer(self, unembedding_lr: float = 0.004, embedding_lr: float = 0.2, matrix_lr: float = 0.02,
+                        weight_decay: float = 0.0, scalar_lr: float = 0.5,
+                        adam_betas: tuple[float, float] | None = None):
+        """MuonAdamW over `optimizer_groups(...)`, each group's "initial_lr" set to its lr."""
+        from nanochat.optim import MuonAdamW
+        optimizer = MuonAdamW(self.optimizer_groups(unembedding_lr, embedding_lr, matrix_lr, weight_decay,
+                                                    scalar_lr, adam_betas))
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group["lr"]
+        return optimizer
+
+    # --- sampling --------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, tokens: list[int], max_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 seed: int = 42) -> Iterator[int]:
+        """Yield up to max_tokens sampled ids after the prompt `tokens` (batch 1, no KV
+        cache: the whole sequence is re-run each step; for samples during training).
+        temperature 0 is greedy."""
+        if not tokens:
+            raise ValueError("generate() needs at least one prompt token (e.g. BOS)")
+        device = self.get_device()
+        rng = None
+        if temperature > 0:
+            rng = torch.Generator(device=device)
+            rng.manual_seed(seed)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        for _ in range(max_tokens):
+            logits = self.forward(ids)[:, -1, :]  # (1, V)
+            if top_k is not None and 0 < top_k < logits.size(-1):
+                kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            if temperature > 0:
+                nxt = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
+            else:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+            yield int(nxt.item())
+
+
+def build_model(config: GPTConfig, device: torch.device | str, compute_dtype: torch.dtype = torch.float32,
+                pad_vocab_size_to: int = 64) -> GPT:
+    """Declare the model on the meta device (no memory), allocate it on `device`, and
+    initialize every tensor."""
+    with torch.device("meta"):
+        model = GPT(config, pad_vocab_size_to=pad_vocab_size_to, compute_dtype=compute_dtype)
+    model.to_empty(device=device)
+    model.init_weights()
+    log_backend(model.get_device(), compute_dtype)  # visible even when forward is compiled
+    return model

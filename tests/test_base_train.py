@@ -1,0 +1,173 @@
+"""Pretraining end to end on the real OpenStax shards, at toy size, through the CLI:
+tok-train → base-train (eval, sample, save) → base-loss; exact resume; torchrun on CPU."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat import cli
+from nanochat.common import Runtime
+from nanochat.stages import base_train
+
+OPENSTAX = Path(__file__).resolve().parents[2] / "shared" / "data" / "pretrain_openstax" / "base_data"
+
+TOY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "128",
+       "--window-pattern", "SL", "--device-batch-size", "4", "--total-batch-size", "1024",
+       "--warmup-steps", "2", "--eval-tokens", "2048", "--core-metric-every", "0", "--device-type", "cpu"]
+
+
+def _toy_config(**overrides) -> base_train.Config:
+    cfg = base_train.Config(depth=2, aspect_ratio=32, head_dim=32, max_seq_len=128, window_pattern="SL",
+                            device_batch_size=4, total_batch_size=1024, warmup_steps=2, eval_tokens=2048,
+                            core_metric_every=0, sample_every=0, num_iterations=6, eval_every=3)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained_tok_dir(tmp_path_factory) -> Path:
+    """A base dir with the OpenStax shards and a tokenizer trained through the CLI."""
+    base = tmp_path_factory.mktemp("pretrain")
+    (base / "base_data").mkdir()
+    for p in sorted(OPENSTAX.glob("shard_*.parquet")):
+        (base / "base_data" / p.name).symlink_to(p)
+    rc = cli.main(["tok-train", "--max-chars", "3000000", "--vocab-size", "2048", "--base-dir", str(base)])
+    assert rc == 0
+    assert (base / "tokenizer" / "tokenizer.pkl").is_file()
+    return base
+
+
+def _fresh_base(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    (dst / "base_data").symlink_to(src / "base_data")
+    shutil.copytree(src / "tokenizer", dst / "tokenizer")
+    return dst
+
+
+def _losses(ckpt_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (ckpt_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def test_plan_derives_horizon_and_accumulation():
+    plan = base_train.make_plan(_toy_config(num_iterations=None), vocab_size=2048, world_size=1)
+    assert plan.grad_accum_steps == 2
+    assert plan.num_iterations == plan.target_tokens // 1024
+    assert plan.target_tokens == int(10.5 * plan.num_scaling_params)
+    plan2 = base_train.make_plan(_toy_config(num_iterations=None, total_batch_size=None), vocab_size=2048, world_size=1)
+    assert plan2.total_batch_size & (plan2.total_batch_size - 1) == 0  # a power of two
+    with pytest.raises(ValueError, match="not a multiple"):
+        base_train.make_plan(_toy_config(total_batch_size=1000), vocab_size=2048, world_size=1)
+
+
+def test_config_validation_lists_problems():
+    cfg = _toy_config(target_flops=1e12, depth=0, window_pattern="SXL", resume="first")
+    with pytest.raises(ValueError) as e:
+        cfg.validate()
+    msg = str(e.value)
+    assert "at most one training horizon" in msg and "--depth" in msg and "window-pattern" in msg and "latest" in msg
+
+
+def test_cli_pipeline_train_eval_sample_save_then_base_loss(trained_tok_dir, tmp_path, capsys):
+    base = _fresh_base(trained_tok_dir, tmp_path / "run")
+    rc = cli.main(["base-train", *TOY, "--num-iterations", "4", "--eval-every", "2", "--sample-every", "2",
+                   "--save-every", "2", "--base-dir", str(base)])
+    assert rc == 0
+    ckpt_dir = base / "base_checkpoints" / "d2"
+    assert {p.name for p in ckpt_dir.glob("meta_*.json")} == {"meta_000002.json", "meta_000004.json"}
+    meta = json.loads((ckpt_dir / "meta_000004.json").read_text())
+    assert meta["step"] == 4 and meta["val_bpb"] > 0 and meta["model_config"]["n_layer"] == 2
+    records = [json.loads(l) for l in (ckpt_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [0, 1, 2, 3]
+    assert [r["step"] for r in records if "val_bpb" in r] == [0, 2, 4]
+    assert all(r["loss"] == r["loss"] for r in records if "loss" in r)  # finite, not NaN
+    err = capsys.readouterr().err
+    assert "val bpb" in err and "The capital of France is" in err and "tok/s" in err
+
+    rc = cli.main(["base-loss", "--split-tokens", "2048", "--device-batch-size", "4", "--max-tokens", "4",
+                   "--device-type", "cpu", "--base-dir", str(base)])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert "The capital of France is" in captured.out
+    assert "train bpb" in captured.err and "val bpb" in captured.err
+
+
+def test_resume_equals_uninterrupted(trained_tok_dir, tmp_path, monkeypatch):
+    """6 steps straight vs 3 steps, restart from the step-3 checkpoint, 3 more: same losses
+    and bit-identical weights (fp32 on the CPU)."""
+    base = _fresh_base(trained_tok_dir, tmp_path / "run")
+    rt = Runtime(device=torch.device("cpu"), dtype=torch.float32, base_dir=base)
+    cfg = _toy_config(save_every=3)
+    base_train.run(cfg, rt)
+    ckpt_dir = base / "base_checkpoints" / "d2"
+    straight_losses = _losses(ckpt_dir)
+    straight_weights = torch.load(ckpt_dir / "model_000006.pt")
+
+    resumed = base_train.run(_toy_config(save_every=3, resume_from_step=3), rt)
+    assert resumed["steps"] == 6
+    resumed_losses = _losses(ckpt_dir)
+    assert sorted(resumed_losses) == list(range(6))
+    assert resumed_losses == straight_losses
+    resumed_weights = torch.load(ckpt_dir / "model_000006.pt")
+    for k, v in straight_weights.items():
+        assert torch.equal(v, resumed_weights[k]), k
+
+    # --resume latest picks the newest complete checkpoint (step 6: nothing left to do)
+    latest = base_train.run(_toy_config(save_every=3, resume="latest"), rt)
+    assert latest["steps"] == 6
+
+
+def test_nan_loss_stops_without_saving(trained_tok_dir, tmp_path):
+    base = _fresh_base(trained_tok_dir, tmp_path / "run")
+    rt = Runtime(device=torch.device("cpu"), dtype=torch.float32, base_dir=base)
+    from nanochat.training import NonFiniteLossError
+    with pytest.raises(NonFiniteLossError, match="not applied"):
+        base_train.run(_toy_config(matrix_lr=1e30, embedding_lr=1e30, unembedding_lr=1e30, num_iterations=8,
+                                   eval_every=0, save_every=1), rt)
+    # whatever was saved before the blow-up holds finite weights
+    for p in (base / "base_checkpoints" / "d2").glob("model_*.pt"):
+        assert all(torch.isfinite(t).all() for t in torch.load(p).values() if t.is_floating_point())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_match_one(trained_tok_dir, tmp_path):
+    """Data-parallel on 2 CPU processes (gloo) gives the same loss curve as one process with
+    the same total batch. The two runs see different documents (each rank reads its own
+    row groups), so the curves agree to a tolerance, not bit for bit."""
+    env = {**os.environ, "NANOCHAT_DTYPE": "float32", "OMP_NUM_THREADS": "1"}
+    args = ["base-train", *TOY, "--num-iterations", "4", "--eval-every", "0", "--sample-every", "0"]
+    one = _fresh_base(trained_tok_dir, tmp_path / "one")
+    two = _fresh_base(trained_tok_dir, tmp_path / "two")
+    subprocess.run([sys.executable, "-m", "nanochat", *args, "--base-dir", str(one)], env=env, check=True,
+                   capture_output=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "--master-port", str(_free_port()), "-m", "nanochat", *args, "--base-dir", str(two)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    l1, l2 = _losses(one / "base_checkpoints" / "d2"), _losses(two / "base_checkpoints" / "d2")
+    assert sorted(l1) == sorted(l2) == [0, 1, 2, 3]
+    assert abs(l1[0] - l2[0]) < 0.05  # at init both are ≈ ln(vocab)
+    for s in l1:
+        assert abs(l1[s] - l2[s]) < 0.25, (s, l1[s], l2[s])
+    # each rank wrote its optimizer shard; only rank 0 wrote the model
+    ckpt = two / "base_checkpoints" / "d2"
+    assert (ckpt / "optim_000004_rank0.pt").is_file() and (ckpt / "optim_000004_rank1.pt").is_file()
+    assert len(list(ckpt.glob("model_*.pt"))) == 1
