@@ -11,4 +11,5 @@ fi
 # torch first and pinned: a bare "torch" requirement would pull a multi-GB CUDA build.
 "$VENV/bin/pip" install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}"
 "$VENV/bin/pip" install -q --disable-pip-version-check -e ".${EXTRAS:+[$EXTRAS]}"
-export PATH="$PWD/$VENV/bin:$PATH"
+VENV_BIN=$(cd "$VENV/bin" && pwd)
+export PATH="$VENV_BIN:$PATH"

@@ -13,6 +13,12 @@ OPENSTAX = SHARED_DATA / "pretrain_openstax" / "base_data"
 
 
 def pytest_configure(config):
+    # One intra-op thread per test process: the suite runs as two xdist workers on two
+    # cores, and oversubscribed OpenMP threads spin-wait (tiny matmuls go 100× slower).
+    # Subprocesses the tests start (torchrun, the sandbox, servers) inherit it.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+    torch.set_num_threads(1)
     # tiktoken's GPT-2/GPT-4 encodings, offline
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken" / "cache"))
     if not SHARED_DATA.is_dir():
