@@ -17,8 +17,8 @@ START=$(date +%s)
 
 export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat-cpu}
 DEPTH=${DEPTH:-4}
-STEPS=${STEPS:-600}
-SFT_STEPS=${SFT_STEPS:-150}
+STEPS=${STEPS:-300}
+SFT_STEPS=${SFT_STEPS:-80}
 RL_STEPS=${RL_STEPS:-4}
 RUN_FLAGS=()
 [ -n "${WANDB_RUN:-}" ] && RUN_FLAGS=(--run "$WANDB_RUN")
@@ -51,17 +51,17 @@ nanochat tok-eval
 # --- pretraining: a small model, sequences of 512, bf16 where the CPU has it -----------------
 nanochat base-train --depth "$DEPTH" --head-dim 64 --window-pattern L --max-seq-len 512 \
     --device-batch-size 16 --total-batch-size 8192 --num-iterations "$STEPS" --warmup-steps 20 \
-    --eval-every 100 --eval-tokens 131072 --sample-every 200 --core-metric-every 0 "${RUN_FLAGS[@]}"
-nanochat base-loss --device-batch-size 16 --split-tokens 131072
+    --eval-every 100 --eval-tokens 65536 --sample-every 150 --core-metric-every 0 "${RUN_FLAGS[@]}"
+nanochat base-loss --device-batch-size 16 --split-tokens 65536
 nanochat base-eval --eval core --max-per-task 16 --batch-size 16
 
 # --- chat: SFT, evaluation, a few RL steps --------------------------------------------------
 nanochat sft --num-iterations "$SFT_STEPS" --device-batch-size 16 --total-batch-size 8192 \
-    --eval-every 50 --eval-tokens 65536 --chatcore-every 0 "${SFT_MIXTURE[@]}" "${IDENTITY[@]}" "${RUN_FLAGS[@]}"
-nanochat chat-eval -i sft -x 32 --max-new-tokens 128
+    --eval-every 40 --eval-tokens 32768 --chatcore-every 0 "${SFT_MIXTURE[@]}" "${IDENTITY[@]}" "${RUN_FLAGS[@]}"
+nanochat chat-eval -i sft -x 20 --max-new-tokens 96
 nanochat rl --num-steps "$RL_STEPS" --examples-per-step 4 --num-samples 4 --device-batch-size 4 \
     --max-new-tokens 96 --eval-every 0 --eval-examples 16 "${RUN_FLAGS[@]}"
-nanochat chat-eval -i rl -a GSM8K -x 32 --max-new-tokens 128
+nanochat chat-eval -i rl -a GSM8K -x 20 --max-new-tokens 96
 
 # --- talk to it, then the report card ------------------------------------------------------
 nanochat chat -i sft -p "What is the capital of France?" -t 0
