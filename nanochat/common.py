@@ -193,6 +193,8 @@ def build_runtime(device_type: str | None = None, base_dir: str | os.PathLike | 
         torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device(device_type)
+        if device_type == "cpu":
+            limit_cpu_malloc_caching()
     if distributed and not torch.distributed.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device_type == "cuda" else {}
@@ -205,6 +207,25 @@ def build_runtime(device_type: str | None = None, base_dir: str | os.PathLike | 
     log.info("runtime: device=%s dtype=%s (%s) world_size=%d base_dir=%s",
              device, rt.autocast_dtype_name(), reason, world_size, rt.base_dir)
     return rt
+
+
+def limit_cpu_malloc_caching(mmap_threshold: int = 4 << 20) -> bool:
+    """glibc only: serve allocations of `mmap_threshold` bytes or more with mmap, so the
+    activation buffers freed after each backward go back to the OS.
+
+    By default glibc raises its mmap threshold (up to 32 MiB) whenever a large block is
+    freed, after which training-sized tensors come from the heap and fragment it: CPU
+    training at depth 6, batch 32 x 512 peaks at 3.5 GiB RSS instead of 2.2 GiB, for about
+    5% more time spent in page faults. An explicit MALLOC_MMAP_THRESHOLD_ wins. Returns
+    whether the setting was applied."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, mmap_threshold))  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
 
 
 # -----------------------------------------------------------------------------
@@ -274,25 +295,50 @@ def gpu_peak_flops(device_name: str) -> float | None:
 _MEASURED_PEAK: dict[tuple[str, torch.dtype], float] = {}
 
 
-def measure_peak_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, iters: int = 8) -> float:
-    """Measure achievable dense matmul FLOP/s on `device` in `dtype` (cached per process).
-    Used as the MFU denominator where no datasheet figure is known (CPUs)."""
+def measure_peak_matmul_flops(device: torch.device, dtype: torch.dtype,
+                              sizes: tuple[int, ...] = (512, 1024, 2048, 4096),
+                              trial_seconds: float = 0.1, trials: int = 3, budget_seconds: float = 1.5) -> float:
+    """Achievable dense matmul FLOP/s on `device` in `dtype` (cached per process): the MFU
+    denominator where no datasheet figure is known (CPUs).
+
+    One shape is a poor probe: on CPUs fp32 peaks on cache-sized matrices while bf16 (AMX)
+    needs large ones to amortise its tile setup. So square matmuls of growing size are
+    timed, each in `trials` trials of about `trial_seconds`, and the best rate of any trial
+    counts (the best, not the mean: the device's capability, not the noise of a shared
+    machine). Growing stops once a size gains under 5% or `budget_seconds` are spent.
+    """
     import time
     key = (str(device), dtype)
     if key in _MEASURED_PEAK:
         return _MEASURED_PEAK[key]
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    for _ in range(2):
-        a @ b
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    _sync(device)
-    flops = 2 * n ** 3 * iters / (time.perf_counter() - t0)
-    _MEASURED_PEAK[key] = flops
-    return flops
+    t_start = time.perf_counter()
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        one = float("inf")
+        for _ in range(2):  # the first call also warms up kernels (oneDNN JIT, cuBLAS handles)
+            _sync(device)
+            t0 = time.perf_counter()
+            a @ b
+            _sync(device)
+            one = min(one, time.perf_counter() - t0)
+        iters = max(1, int(trial_seconds / max(one, 1e-9)))
+        best_here = 0.0
+        for _ in range(trials):
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                a @ b
+            _sync(device)
+            best_here = max(best_here, 2 * n ** 3 * iters / (time.perf_counter() - t0))
+        gained = best_here > 1.05 * best
+        best = max(best, best_here)
+        if not gained or time.perf_counter() - t_start > budget_seconds:
+            break
+    log.debug("measured peak matmul throughput on %s in %s: %.3e FLOP/s", device, dtype, best)
+    _MEASURED_PEAK[key] = best
+    return best
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:

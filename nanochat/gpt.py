@@ -322,8 +322,8 @@ def _chunk_rows(vocab: int, chunk_rows: int | None) -> int:
 # exp(z) of capped logits |z| <= softcap cannot overflow fp32 (nor underflow to a zero
 # sum) below this cap, so the log-sum-exp needs no max subtraction (one pass fewer).
 _SHIFT_FREE_SOFTCAP = 30.0
-# The elementwise work on a chunk's logits runs on pieces of about this many logits, so
-# that its fp32 workspaces (2 x 512 KiB) stay in the CPU's L2 cache between passes.
+# On the CPU the elementwise work on a chunk's logits runs on pieces of about this many
+# logits, so that its fp32 workspaces (2 x 512 KiB) stay in L2 cache between passes.
 LOSS_PIECE_ELEMENTS = 1 << 17
 
 
@@ -343,17 +343,21 @@ def _head_chunks(x: Tensor, weight: Tensor, targets: Tensor, vocab_size: int, so
     """
     n, C, dev = x.size(0), x.size(1), x.device
     w = weight[:vocab_size].to(x.dtype)  # (V, C): the padded rows never reach a logit
-    losses = torch.empty(n, dtype=torch.float32, device=dev)
     grad_x = torch.empty_like(x) if want_grad else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if want_grad else None
     rows = max(1, min(chunk_rows, n))
-    piece = max(1, min(rows, LOSS_PIECE_ELEMENTS // vocab_size))
+    # cache-sized pieces pay off on CPUs; on a GPU each op is a kernel launch, so one piece per chunk
+    piece = max(1, min(rows, LOSS_PIECE_ELEMENTS // vocab_size)) if dev.type == "cpu" else rows
     valid = targets != IGNORE_INDEX  # (N,)
     safe = targets.clamp(min=0).long().unsqueeze(1)  # (N, 1): a harmless index for ignored rows
     scale = valid.float() if row_scale is None else row_scale.float() * valid  # (N,)
+    neg_scale = -scale.unsqueeze(1)  # (N, 1)
+    sumexp = torch.empty(n, 1, dtype=torch.float32, device=dev)  # sum_j exp(z_j - shift)
+    t_target = torch.empty(n, 1, dtype=torch.float32, device=dev)  # tanh(u_target / cap)
+    shift = torch.zeros(n, 1, dtype=torch.float32, device=dev)
     raw_buf = torch.empty(rows, vocab_size, dtype=x.dtype, device=dev)  # u = x @ w^T, then dL/du
     t_buf = torch.empty(piece, vocab_size, dtype=torch.float32, device=dev)  # tanh(u / cap), then its square
-    e_buf = torch.empty_like(t_buf)  # exp(z), then the gradient in fp32
+    e_buf = torch.empty_like(t_buf)  # exp(z - shift), then the gradient in fp32
     low = x.dtype != torch.float32
     # the chunk's grad_w in x.dtype, and in fp32 for the accumulation (an op mixing dtypes
     # would allocate a converted temporary on every call)
@@ -363,27 +367,24 @@ def _head_chunks(x: Tensor, weight: Tensor, targets: Tensor, vocab_size: int, so
         end = min(start + rows, n)
         xc, raw = x[start:end], raw_buf[:end - start]
         torch.mm(xc, w.t(), out=raw)
+        # per piece: only full-width passes; per-row values go to (N, 1) buffers via out=
         for p0 in range(start, end, piece):
             p1 = min(p0 + piece, end)
             t, e, u = t_buf[:p1 - p0], e_buf[:p1 - p0], raw[p0 - start:p1 - start]
             t.copy_(u).div_(softcap).tanh_()
+            torch.gather(t, 1, safe[p0:p1], out=t_target[p0:p1])
             torch.mul(t, softcap, out=e)  # z, the capped logits
-            shift = None
             if softcap > _SHIFT_FREE_SOFTCAP:
-                shift = e.amax(dim=1, keepdim=True)
-                e.sub_(shift)
-            sumexp = e.exp_().sum(dim=1)  # (p,)
-            lse = sumexp.log() if shift is None else sumexp.log() + shift.squeeze(1)
-            t_target = t.gather(1, safe[p0:p1])  # (p, 1)
-            losses[p0:p1] = torch.where(valid[p0:p1], lse - softcap * t_target.squeeze(1), 0.0)
+                torch.amax(e, dim=1, keepdim=True, out=shift[p0:p1])
+                e.sub_(shift[p0:p1])
+            torch.sum(e.exp_(), dim=1, keepdim=True, out=sumexp[p0:p1])
             if not want_grad:
                 continue
-            # dL/du = (softmax(z) - onehot) * (1 - t^2), from the unnormalized exp(z - shift):
-            # e * (1 - t^2), minus sumexp * (1 - t_target^2) at the target, times scale / sumexp
-            t.square_()
-            e.addcmul_(e, t, value=-1.0)
-            e.scatter_add_(1, safe[p0:p1], -(1.0 - t_target.square()) * sumexp.unsqueeze(1))
-            u.copy_(e.mul_((scale[p0:p1] / sumexp).unsqueeze(1)))
+            # dL/du = (softmax(z) - onehot) * (1 - t^2), times the row's scale
+            e.mul_(scale[p0:p1].unsqueeze(1) / sumexp[p0:p1])
+            e.scatter_add_(1, safe[p0:p1], neg_scale[p0:p1])
+            e.addcmul_(e, t.square_(), value=-1.0)
+            u.copy_(e)
         if not want_grad:
             continue
         torch.mm(raw, w, out=grad_x[start:end])
@@ -392,6 +393,8 @@ def _head_chunks(x: Tensor, weight: Tensor, targets: Tensor, vocab_size: int, so
             grad_w[:vocab_size].add_(gw32_buf.copy_(gw_buf))
         else:
             grad_w[:vocab_size].addmm_(raw.t(), xc)
+    lse = sumexp.log_().add_(shift).squeeze(1)
+    losses = torch.where(valid, lse - softcap * t_target.squeeze(1), 0.0)
     return losses, grad_x, grad_w
 
 

@@ -103,12 +103,16 @@ def adamw_update(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, s
     p32 = p.float()                               # p itself when p is fp32
     g = grad.float()
     p32.mul_(1 - lr * wd)
+    # one temporary serves as g^2, the denominator and the update (fresh tensors the size
+    # of an embedding table cost page faults on the CPU); the operations are the ones above
+    tmp = torch.mul(g, g)
     exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.lerp_(g.square(), 1 - beta2)
+    exp_avg_sq.lerp_(tmp, 1 - beta2)
     bias1 = 1 - beta1 ** step
     bias2 = 1 - beta2 ** step
-    denom = (exp_avg_sq / bias2).sqrt() + eps
-    p32.sub_(exp_avg / denom * (lr / bias1))
+    torch.div(exp_avg_sq, bias2, out=tmp).sqrt_().add_(eps)
+    torch.div(exp_avg, tmp, out=tmp)
+    p32.sub_(tmp.mul_(lr / bias1))
     if p.dtype != torch.float32:
         p.copy_(p32)
 
@@ -143,6 +147,20 @@ def muon_update(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_m
     p32.sub_(lr * (u + wd * p32 * decay))
     if params.dtype != torch.float32:
         params.copy_(p32)
+
+
+# Eager CPU AdamW runs on blocks of rows of about this many elements: the update is
+# elementwise, and on blocks its fp32 temporaries stay in cache (and below glibc's mmap
+# threshold) instead of being page-faulted in at the size of a whole embedding table.
+ADAMW_BLOCK_ELEMENTS = 1 << 18
+
+
+def _row_blocks(p: Tensor, compiled: bool) -> list[Any]:
+    """Indices that split `p` into blocks of whole rows (`...`: the whole tensor at once)."""
+    if compiled or p.device.type != "cpu" or p.dim() == 0 or p.numel() <= ADAMW_BLOCK_ELEMENTS:
+        return [...]
+    rows = max(1, ADAMW_BLOCK_ELEMENTS // (p.numel() // p.size(0)))
+    return [slice(r, r + rows) for r in range(0, p.size(0), rows)]
 
 
 _COMPILED: dict[str, Callable[..., Any]] = {}
@@ -344,10 +362,11 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros(target.shape, dtype=torch.float32, device=p.device)
                 state["exp_avg_sq"] = torch.zeros(target.shape, dtype=torch.float32, device=p.device)
             state["step"] += 1
-            fn(target, grad, state["exp_avg"], state["exp_avg_sq"],
-               self._scalar("adamw_step", state["step"]), self._scalar("adamw_lr", group["lr"]),
-               self._scalar("adamw_beta1", beta1), self._scalar("adamw_beta2", beta2),
-               self._scalar("adamw_eps", group["eps"]), self._scalar("adamw_wd", group["weight_decay"]))
+            hyper = (self._scalar("adamw_step", state["step"]), self._scalar("adamw_lr", group["lr"]),
+                     self._scalar("adamw_beta1", beta1), self._scalar("adamw_beta2", beta2),
+                     self._scalar("adamw_eps", group["eps"]), self._scalar("adamw_wd", group["weight_decay"]))
+            for rows in _row_blocks(target, self.use_compile):
+                fn(target[rows], grad[rows], state["exp_avg"][rows], state["exp_avg_sq"][rows], *hyper)
             if sharded:
                 work = self._comm.all_gather(p, target)
                 finishers.append(work.wait)
