@@ -21,7 +21,7 @@ import torch
 from nanochat import scaling
 from nanochat.common import Runtime, peak_flops
 from nanochat.config import check, option, to_dict
-from nanochat.training import (NonFiniteLossError, StepLogger, Timer, apply_schedule, make_sinks,
+from nanochat.training import (NonFiniteLossError, StepLogger, Timer, apply_schedule, make_sinks, tame_gc,
                                optimizer_step, peak_memory_bytes)
 
 log = logging.getLogger("nanochat.base_train")
@@ -306,14 +306,7 @@ def run(config: Config, runtime: Runtime) -> dict:
                                       num_micro_steps=plan.grad_accum_steps, scaler=scaler)
             record = logger.step(step, loss, timer.dt, lrm, runtime.is_master)
             step += 1
-            if step == first_step + 1:
-                # Python's cyclic GC scans the big heap of setup objects every few steps
-                # for nothing; freeze what survives setup and collect by hand.
-                gc.collect()
-                gc.freeze()
-                gc.disable()
-            elif step % 5000 == 0:
-                gc.collect()
+            tame_gc(step, first_step)
     except NonFiniteLossError:
         logger.close()
         log.error("stopping at step %d: the loss is not finite; the last good checkpoint is kept", step)

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from nanochat import scaling
 from nanochat.common import Runtime, peak_flops
 from nanochat.config import check, option, to_dict
-from nanochat.training import (NonFiniteLossError, StepLogger, Timer, apply_schedule, make_sinks,
+from nanochat.training import (NonFiniteLossError, StepLogger, Timer, apply_schedule, make_sinks, tame_gc,
                                optimizer_step, peak_memory_bytes)
 
 log = logging.getLogger("nanochat.sft")
@@ -655,13 +655,7 @@ def run(config: Config, runtime: Runtime) -> dict:
             record = logger.step(step, loss, timer.dt, lrm, runtime.is_master, epoch=loader.epoch,
                                  progress=loader.progress)
             step += 1
-            if step == first_step + 1:
-                # see base_train: freeze the setup heap out of the cyclic GC's scans
-                gc.collect()
-                gc.freeze()
-                gc.disable()
-            elif step % 5000 == 0:
-                gc.collect()
+            tame_gc(step, first_step)
     except NonFiniteLossError:
         logger.close()
         log.error("stopping at step %d: the loss is not finite; the last good checkpoint is kept", step)
