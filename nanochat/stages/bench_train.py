@@ -223,7 +223,6 @@ def bench(config: Config, runtime: Runtime) -> dict:
     flops_per_token = model.estimate_flops()
     mean_s = sum(counted) / len(counted)
     median_s = statistics.median(counted)
-    steady = median_s
     c = model.config
     result = {
         "device": str(device), "dtype": str(dtype).removeprefix("torch."), "compile": use_compile, "fp8": config.fp8,
@@ -240,7 +239,7 @@ def bench(config: Config, runtime: Runtime) -> dict:
         "cpu_s_per_step_median": statistics.median(cpu_times[config.warmup_steps:]),
         "tok_per_sec": tokens_per_step / median_s,
         "peak_flops": peak, "peak_flops_source": _peak_source(device),
-        "mfu": 100 * flops_per_token * tokens_per_step / steady / peak,
+        "mfu": 100 * flops_per_token * tokens_per_step / median_s / peak,
         **memory,
         # what the whole (B*T, vocab) fp32 logits would take: the chunked loss never holds them
         "full_logits_fp32_mib": tokens_per_step * c.vocab_size * 4 / _MIB,
@@ -269,7 +268,7 @@ def _peak_source(device: torch.device) -> str:
 # Presentation
 
 def _gib(mib: float) -> str:
-    return f"{mib:,.0f} MiB ({mib / 1024:.2f} GiB)"
+    return f"{mib:,.{0 if mib >= 100 else 1}f} MiB ({mib / 1024:.2f} GiB)"
 
 
 def format_run(r: dict) -> str:
