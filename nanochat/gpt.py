@@ -134,22 +134,72 @@ class GPTConfig:
 # -----------------------------------------------------------------------------
 # Helpers
 
+# On the CPU the element-wise kernels below walk the rows in blocks of about this many
+# elements: their fp32 workspaces (1 MiB each) then come from malloc's cached heap and
+# stay in cache, where whole-tensor temporaries would each be a fresh mmap whose pages
+# fault in one by one (about 1 us per 4 KiB page, as long as the arithmetic itself).
+CPU_BLOCK_ELEMENTS = 1 << 18
+
+
+def _block_rows(x: Tensor, row_elements: int) -> int:
+    """Rows (along dim 0) per block: all of them on accelerators, where each op is one
+    kernel launch and a loop would only add launches."""
+    if x.device.type != "cpu":
+        return max(1, x.size(0))
+    return max(1, CPU_BLOCK_ELEMENTS // max(1, row_elements))
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rms_forward_into(y: Tensor, rstd: Tensor, xf: Tensor, scratch: bool, scale: float) -> None:
+    """One block of y = rms_norm(x) * scale, rounded like F.rms_norm(x) * scale (to
+    y's dtype, then the scale), and rstd = 1 / rms(x). xf: the block in the accumulation
+    dtype (rstd's), which may be overwritten when `scratch`; y: (R, ..., D) in the
+    output dtype; rstd: (R, ..., 1). The same steps as F.rms_norm (mean of squares +
+    the accumulation dtype's epsilon, rsqrt, multiply), so bitwise equal to it."""
+    torch.mean(xf.square(), -1, keepdim=True, out=rstd)
+    rstd.add_(torch.finfo(rstd.dtype).eps).rsqrt_()
+    if y.dtype == xf.dtype and not scratch:
+        torch.mul(xf, rstd, out=y)
+    else:
+        y.copy_(xf.mul_(rstd) if scratch else xf * rstd)
+    if scale != 1.0:
+        y.mul_(scale)
+
+
+def _rms_backward(g: Tensor, y: Tensor, rstd: Tensor, scale: float) -> Tensor:
+    """dL/dx of y = scale * rms_norm(x) for one block, from the output y and rstd, in
+    rstd's dtype: with n = y / s and dn = s * g,
+    dx = rstd * (dn - n * mean(dn * n)) = rstd * (s * g - y * mean(g * y) / s)."""
+    acc = rstd.dtype
+    gf, yf = g.to(acc), y.to(acc)
+    m = (gf * yf).mean(-1, keepdim=True).mul_(-1.0 / scale)
+    return torch.mul(gf, scale).addcmul_(yf, m).mul_(rstd)
+
+
+def _rms_norm_rows(x: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """(y, rstd) for x (N, D): the forward of `norm`, block by block."""
+    y = torch.empty_like(x)
+    rstd = torch.empty(x.size(0), 1, dtype=_acc_dtype(x.dtype), device=x.device)
+    step = _block_rows(x, x.size(1))
+    for i in range(0, x.size(0), step):
+        xb = x[i:i + step]
+        xf = xb.to(rstd.dtype)
+        _rms_forward_into(y[i:i + step], rstd[i:i + step], xf, xf is not xb, scale)
+    return y, rstd
+
+
 class _RMSNormFn(torch.autograd.Function):
-    """scale * F.rms_norm(x) whose backward keeps the output (which the next layer
-    saves anyway: the matmul input, or SDPA's q/k) plus one rstd per row, instead of
-    the input (PyTorch's CPU kernel even keeps an fp32 copy of a bf16 input)."""
+    """scale * rms_norm(x) whose backward keeps the output (which the next layer saves
+    anyway: the matmul input) plus one rstd per row, instead of the input; both passes
+    run in row blocks on the CPU (see CPU_BLOCK_ELEMENTS)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: float) -> Tensor:
-        # F.rms_norm's own steps (upcast, mean of squares + the accumulation dtype's
-        # epsilon, rsqrt, multiply, downcast; bitwise equal to it on CPU), done here to
-        # keep rstd for the backward
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        xf = x.to(acc)
-        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + torch.finfo(acc).eps)  # (..., 1)
-        y = (xf * rstd).to(x.dtype)
-        if scale != 1.0:
-            y = y * scale
+        y, rstd = _rms_norm_rows(x.reshape(-1, x.size(-1)), scale)
+        y = y.view(x.shape)
         ctx.save_for_backward(y, rstd)
         ctx.scale = scale
         return y
@@ -157,20 +207,23 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         y, rstd = ctx.saved_tensors
-        # with n = x * rstd = y / s and dn = s * g: dx = rstd * (dn - n * mean(dn * n))
-        #   = rstd * (s * g - (y / s) * mean(g * y))        (fewest passes over the tensor)
-        s = ctx.scale
-        yf, g = y.to(rstd.dtype), grad.to(rstd.dtype)
-        m = (g * yf).mean(-1, keepdim=True)
-        return torch.addcmul(g * s, yf, m, value=-1.0 / s).mul_(rstd).to(y.dtype), None
+        y2, g2 = y.view(-1, y.size(-1)), grad.reshape(-1, y.size(-1))
+        dx = torch.empty_like(y2)
+        step = _block_rows(y2, y2.size(1))
+        for i in range(0, y2.size(0), step):
+            dx[i:i + step].copy_(_rms_backward(g2[i:i + step], y2[i:i + step], rstd[i:i + step], ctx.scale))
+        return dx.view(y.shape), None
 
 
 def norm(x: Tensor, scale: float = 1.0) -> Tensor:
-    """RMSNorm over the last dimension, no learnable gain, times `scale`; x's dtype."""
+    """RMSNorm over the last dimension, no learnable gain, times `scale`; x's dtype.
+    Bitwise equal to F.rms_norm(x) * scale on every path."""
+    if torch.compiler.is_compiling():  # plain ops, which the compiler fuses
+        y = F.rms_norm(x, (x.size(-1),))
+        return y * scale if scale != 1.0 else y
     if torch.is_grad_enabled() and x.requires_grad:
         return _RMSNormFn.apply(x, scale)
-    y = F.rms_norm(x, (x.size(-1),))
-    return y * scale if scale != 1.0 else y
+    return _rms_norm_rows(x.reshape(-1, x.size(-1)), scale)[0].view(x.shape)
 
 
 class Linear(nn.Linear):
@@ -218,6 +271,65 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
+def _rotate(xf: Tensor, cos: Tensor, sin: Tensor, sign: float) -> Tensor:
+    """apply_rotary on a block in the accumulation dtype into a new tensor; sign -1
+    rotates back (the transpose, which is the backward of the rotation)."""
+    half = xf.size(-1) // 2
+    x1, x2 = xf[..., :half], xf[..., half:]
+    out = torch.empty_like(xf)
+    torch.mul(x1, cos, out=out[..., :half]).addcmul_(x2, sin, value=sign)
+    torch.mul(x2, cos, out=out[..., half:]).addcmul_(x1, sin, value=-sign)
+    return out
+
+
+def _rope_norm_rows(x: Tensor, cos: Tensor, sin: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """(y, rstd) of y = scale * rms_norm(apply_rotary(x)) for x (B, T, H, D), blocked
+    over B; the rotation runs in the accumulation dtype, so y is rounded once (plus the
+    scale), where the unfused ops would round after the rotation too."""
+    y = torch.empty_like(x)
+    rstd = torch.empty(*x.shape[:-1], 1, dtype=_acc_dtype(x.dtype), device=x.device)
+    step = _block_rows(x, x[0].numel())
+    for i in range(0, x.size(0), step):
+        r = _rotate(x[i:i + step].to(rstd.dtype), cos, sin, 1.0)
+        _rms_forward_into(y[i:i + step], rstd[i:i + step], r, True, scale)
+    return y, rstd
+
+
+class _RopeNormFn(torch.autograd.Function):
+    """Rotary embedding then QK norm in one pass over q or k (B, T, H, D): allocates
+    only its output (kept for the backward, as attention keeps q and k anyway) and rstd,
+    instead of the ~8 full-size temporaries of the separate ops."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor, scale: float) -> Tensor:
+        acc = _acc_dtype(x.dtype)
+        c, s = cos.to(acc), sin.to(acc)  # (1, T, 1, D/2)
+        y, rstd = _rope_norm_rows(x, c, s, scale)
+        ctx.save_for_backward(y, rstd, c, s)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        y, rstd, c, s = ctx.saved_tensors
+        dx = torch.empty_like(y)
+        step = _block_rows(y, y[0].numel())
+        for i in range(0, y.size(0), step):
+            dr = _rms_backward(grad[i:i + step], y[i:i + step], rstd[i:i + step], ctx.scale)
+            dx[i:i + step].copy_(_rotate(dr, c, s, -1.0))
+        return dx, None, None, None
+
+
+def rope_norm(x: Tensor, cos: Tensor, sin: Tensor, scale: float) -> Tensor:
+    """scale * rms_norm(apply_rotary(x, cos, sin)) for q or k (B, T, H, D)."""
+    if torch.compiler.is_compiling():
+        return norm(apply_rotary(x, cos, sin), scale)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _RopeNormFn.apply(x, cos, sin, scale)
+    acc = _acc_dtype(x.dtype)
+    return _rope_norm_rows(x, cos.to(acc), sin.to(acc), scale)[0]
+
+
 # -----------------------------------------------------------------------------
 # Attention
 
@@ -245,8 +357,7 @@ class CausalSelfAttention(nn.Module):
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         cos, sin = rotary
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k = norm(q, QK_SCALE), norm(k, QK_SCALE)  # QK norm
+        q, k = rope_norm(q, cos, sin, QK_SCALE), rope_norm(k, cos, sin, QK_SCALE)  # rotary, then QK norm
         y = attend(q, k, v, window, kv_cache, self.layer_idx, masks)  # (B, T, H, D)
         return self.c_proj(y.reshape(B, T, -1))
 
@@ -261,15 +372,16 @@ class _ReluSquaredProj(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, w: Tensor) -> Tensor:
         ctx.save_for_backward(h, w)
-        return F.linear(F.relu(h).square(), w.to(h.dtype))
+        return F.linear(F.relu(h).square_(), w.to(h.dtype))
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        # one (B, T, 4C) temporary besides grad_h: relu(h), squared in place once used
         h, w = ctx.saved_tensors
         r = F.relu(h)
-        a = r.square()
+        grad_h = (grad @ (w.to(h.dtype) * 2)).mul_(r)  # 2 r dy/da; zero where h <= 0, as relu's backward
+        a = r.square_()
         grad_w = grad.reshape(-1, grad.size(-1)).t() @ a.reshape(-1, a.size(-1))  # (C, 4C)
-        grad_h = (grad @ w.to(h.dtype)) * (2 * r)  # zero where h <= 0, as relu's backward
         return grad_h, grad_w.to(w.dtype)
 
 
@@ -303,7 +415,7 @@ class Block(nn.Module):
 #
 # For N = B*T rows and vocabulary V the fp32 logits are N*V*4 bytes (2 GiB at batch
 # 32 x 512 tokens, V = 32768), and autograd would keep several such tensors for the
-# backward. Instead rows are processed in chunks of about 2^24 logits: each chunk's
+# backward. Instead rows are processed in chunks of about 2^25 logits: each chunk's
 # logits, softcap, log-sum-exp and (when training) gradient are computed and dropped
 # before the next. With d = dL/dlogits_raw per chunk,
 #     dL/dz = softmax(z) - onehot(target),  z = cap * tanh(u / cap),  dz/du = 1 - tanh^2,
@@ -312,7 +424,7 @@ class Block(nn.Module):
 # gradient is one scalar, applied in backward), so the head's logits are computed once;
 # for "none" (per-row losses, e.g. RL) they are recomputed chunk by chunk in backward.
 
-LOSS_CHUNK_ELEMENTS = 1 << 24
+LOSS_CHUNK_ELEMENTS = 1 << 25
 
 
 def _chunk_rows(vocab: int, chunk_rows: int | None) -> int:
@@ -323,8 +435,9 @@ def _chunk_rows(vocab: int, chunk_rows: int | None) -> int:
 # sum) below this cap, so the log-sum-exp needs no max subtraction (one pass fewer).
 _SHIFT_FREE_SOFTCAP = 30.0
 # On the CPU the elementwise work on a chunk's logits runs on pieces of about this many
-# logits, so that its fp32 workspaces (2 x 512 KiB) stay in L2 cache between passes.
-LOSS_PIECE_ELEMENTS = 1 << 17
+# logits, so that its fp32 workspaces (2 x 1 MiB) stay in L2 cache between passes
+# (measured at d4, vocab 32768: 2^18 beats 2^17 and 2^19, and 2^25-logit chunks beat 2^24).
+LOSS_PIECE_ELEMENTS = 1 << 18
 
 
 def _head_chunks(x: Tensor, weight: Tensor, targets: Tensor, vocab_size: int, softcap: float,
@@ -342,7 +455,10 @@ def _head_chunks(x: Tensor, weight: Tensor, targets: Tensor, vocab_size: int, so
     The gradient overwrites the raw logits it came from.
     """
     n, C, dev = x.size(0), x.size(1), x.device
-    w = weight[:vocab_size].to(x.dtype)  # (V, C): the padded rows never reach a logit
+    # (V, C): the padded rows never reach a logit. The forward matmul takes the weight
+    # divided by the softcap, so it yields u / cap directly (one pass per piece fewer)
+    w_in = (weight[:vocab_size] * (1.0 / softcap)).to(x.dtype)
+    w = weight[:vocab_size].to(x.dtype) if want_grad else None
     grad_x = torch.empty_like(x) if want_grad else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if want_grad else None
     rows = max(1, min(chunk_rows, n))
@@ -355,7 +471,7 @@ def _head_chunks(x: Tensor, weight: Tensor, targets: Tensor, vocab_size: int, so
     sumexp = torch.empty(n, 1, dtype=torch.float32, device=dev)  # sum_j exp(z_j - shift)
     t_target = torch.empty(n, 1, dtype=torch.float32, device=dev)  # tanh(u_target / cap)
     shift = torch.zeros(n, 1, dtype=torch.float32, device=dev)
-    raw_buf = torch.empty(rows, vocab_size, dtype=x.dtype, device=dev)  # u = x @ w^T, then dL/du
+    raw_buf = torch.empty(rows, vocab_size, dtype=x.dtype, device=dev)  # u / cap = x @ (w / cap)^T, then dL/du
     t_buf = torch.empty(piece, vocab_size, dtype=torch.float32, device=dev)  # tanh(u / cap), then its square
     e_buf = torch.empty_like(t_buf)  # exp(z - shift), then the gradient in fp32
     low = x.dtype != torch.float32
@@ -366,12 +482,12 @@ def _head_chunks(x: Tensor, weight: Tensor, targets: Tensor, vocab_size: int, so
     for start in range(0, n, rows):
         end = min(start + rows, n)
         xc, raw = x[start:end], raw_buf[:end - start]
-        torch.mm(xc, w.t(), out=raw)
+        torch.mm(xc, w_in.t(), out=raw)  # u / cap
         # per piece: only full-width passes; per-row values go to (N, 1) buffers via out=
         for p0 in range(start, end, piece):
             p1 = min(p0 + piece, end)
             t, e, u = t_buf[:p1 - p0], e_buf[:p1 - p0], raw[p0 - start:p1 - start]
-            t.copy_(u).div_(softcap).tanh_()
+            t.copy_(u).tanh_()
             torch.gather(t, 1, safe[p0:p1], out=t_target[p0:p1])
             torch.mul(t, softcap, out=e)  # z, the capped logits
             if softcap > _SHIFT_FREE_SOFTCAP:
@@ -483,7 +599,7 @@ class GPT(nn.Module):
         self.compute_dtype = compute_dtype
         self.window_sizes = window_sizes(config)
         # training loss in row chunks (None: everywhere but CUDA, where memory is ample
-        # and torch.compile fuses the plain version); rows per chunk (None: ~2^24 logits)
+        # and torch.compile fuses the plain version); rows per chunk (None: ~2^25 logits)
         self.chunked_loss: bool | None = None
         self.loss_chunk_rows: int | None = None
         vocab = padded_vocab_size(config.vocab_size, pad_vocab_size_to)

@@ -442,3 +442,44 @@ def test_lean_norm_forward_is_f_rms_norm(dtype):
     assert torch.equal(norm(x.requires_grad_(), 1.2).detach(), want)  # the training path
     with torch.no_grad():
         assert torch.equal(norm(x, 1.2), want)  # the inference path
+
+
+@pytest.mark.parametrize("block", [1 << 18, 64])  # one block, and many blocks of a few rows
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_blocked_norm_and_rope_norm_match_the_plain_ops(monkeypatch, block, dtype):
+    import nanochat.gpt as gpt
+    monkeypatch.setattr(gpt, "CPU_BLOCK_ELEMENTS", block)
+    g = torch.Generator().manual_seed(2)
+    B, T, H, D = 3, 7, 2, 16
+    cos, sin = rotary_tables(T, D, dtype)
+    x = (torch.randn(B, T, H, D, generator=g, dtype=torch.float64) * 3).to(dtype)
+    up = torch.randn(B, T, H, D, generator=g, dtype=torch.float64).to(dtype)
+
+    def plain_rope_norm(x):  # the unfused formula, in fp64
+        return F.rms_norm(gpt.apply_rotary(x.double(), cos.double(), sin.double()), (D,)) * 1.2
+
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    xr = x.clone().requires_grad_()
+    y = gpt.rope_norm(xr, cos, sin, 1.2)
+    assert y.dtype == dtype and y.shape == x.shape
+    (dx,) = torch.autograd.grad(y, xr, up)
+    xd = x.double().requires_grad_()
+    want = plain_rope_norm(xd)
+    (want_dx,) = torch.autograd.grad(want, xd, up.double())
+    torch.testing.assert_close(y.double(), want, atol=tol * 4, rtol=tol)
+    torch.testing.assert_close(dx.double(), want_dx, atol=tol * 8, rtol=tol * 2)
+    with torch.no_grad():  # inference takes the same fused forward: identical numbers
+        assert torch.equal(gpt.rope_norm(x, cos, sin, 1.2), y.detach())
+
+    # norm: forward bitwise equal to F.rms_norm on every path, gradient as autograd's
+    x2 = x.reshape(B * T, H * D)
+    want2 = F.rms_norm(x2, (H * D,)) * 0.5
+    xr2 = x2.clone().requires_grad_()
+    y2 = gpt.norm(xr2, 0.5)
+    assert torch.equal(y2.detach(), want2)
+    with torch.no_grad():
+        assert torch.equal(gpt.norm(x2, 0.5), want2)
+    (dx2,) = torch.autograd.grad(y2, xr2, up.reshape(B * T, H * D))
+    xd2 = x2.double().requires_grad_()
+    (want_dx2,) = torch.autograd.grad(F.rms_norm(xd2, (H * D,)) * 0.5, xd2, up.reshape(B * T, H * D).double())
+    torch.testing.assert_close(dx2.double(), want_dx2, atol=tol * 8, rtol=tol * 2)
