@@ -35,6 +35,7 @@ import logging
 import math
 import queue
 import threading
+from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,11 +205,13 @@ class BestFitBuffer:
     binary searches instead of the reference's linear scan; ties go to the oldest
     document, exactly as the scan would pick. Iterating `refs()` gives the documents in
     arrival order (dicts keep insertion order), which is what the resume state records.
+    Tokens wait as 4-byte arrays, not lists of Python ints (36 bytes a token): a buffer
+    of a thousand long documents would otherwise hold a few hundred MB.
     """
 
     def __init__(self) -> None:
         self._keys: list[tuple[int, int]] = []               # sorted (length, arrival)
-        self._docs: dict[int, tuple[Any, list[int]]] = {}     # arrival -> (ref, tokens)
+        self._docs: dict[int, tuple[Any, array]] = {}         # arrival -> (ref, tokens)
         self._arrivals = 0
 
     def __len__(self) -> int:
@@ -218,7 +221,7 @@ class BestFitBuffer:
         key = (len(tokens), self._arrivals)
         self._arrivals += 1
         bisect.insort(self._keys, key)
-        self._docs[key[1]] = (ref, tokens)
+        self._docs[key[1]] = (ref, array("i", tokens))
 
     def pop_largest_fitting(self, space: int) -> list[int] | None:
         i = bisect.bisect_right(self._keys, (space, math.inf))
@@ -232,7 +235,7 @@ class BestFitBuffer:
 
     def _pop(self, index: int) -> list[int]:
         _, arrival = self._keys.pop(index)
-        return self._docs.pop(arrival)[1]
+        return self._docs.pop(arrival)[1].tolist()
 
     def refs(self) -> list[Any]:
         return [ref for ref, _ in self._docs.values()]

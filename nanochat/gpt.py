@@ -32,9 +32,13 @@ Features
   cross-entropy that never holds the full (B*T, vocab) fp32 logits (`head_loss`); on
   CUDA the reference's plain formulation, which torch.compile fuses (`chunked_loss`)
 - activation memory: RMSNorm saves its output instead of its input and the ReLU^2 MLP
-  keeps only its hidden pre-activation for the backward (depth 6, batch 32 x 512,
-  vocab 32768 trains in about 2.2 GiB peak RSS on CPU in bf16, optimizer included, once
-  `common.limit_cpu_malloc_caching` stops glibc from hoarding freed buffers)
+  keeps only its hidden pre-activation for the backward
+- CPU speed: the element-wise parts run as custom autograd functions that allocate only
+  their outputs and walk their inputs in row blocks (RMSNorm, rotary + QK norm, the
+  ReLU^2 projection, the per-layer residual mix, the head's loss): on a CPU every fresh
+  large temporary is a round trip through memory, and elementwise passes, not matmuls,
+  are what is left of a bf16 step. Under torch.compile the plain formulas are used and
+  the compiler fuses them.
 
 Compute policy: parameters are fp32 masters; every matmul runs in `compute_dtype`
 (a constructor argument, chosen by the CLI's Runtime) by casting the weight in
@@ -141,12 +145,26 @@ class GPTConfig:
 CPU_BLOCK_ELEMENTS = 1 << 18
 
 
-def _block_rows(x: Tensor, row_elements: int) -> int:
-    """Rows (along dim 0) per block: all of them on accelerators, where each op is one
-    kernel launch and a loop would only add launches."""
+def _block_rows(x: Tensor, row_elements: int, block_elements: int | None = None) -> int:
+    """Rows (along dim 0) per block of about `block_elements` (default
+    CPU_BLOCK_ELEMENTS): all of them on accelerators, where each op is one kernel launch
+    and a loop would only add launches."""
     if x.device.type != "cpu":
         return max(1, x.size(0))
-    return max(1, CPU_BLOCK_ELEMENTS // max(1, row_elements))
+    return max(1, (block_elements or CPU_BLOCK_ELEMENTS) // max(1, row_elements))
+
+
+def _dot(u: Tensor, v: Tensor) -> Tensor:
+    """sum(u * v) over all elements as a 0-dim tensor in the accumulation dtype (fp32,
+    or fp64 for fp64), upcast block by block (no full-size product or upcast)."""
+    u, v = u.reshape(-1), v.reshape(-1)
+    if u.dtype == v.dtype and u.dtype in (torch.float32, torch.float64):
+        return torch.dot(u, v)
+    total = torch.zeros((), dtype=torch.float32, device=u.device)
+    step = _block_rows(u, 1)
+    for i in range(0, u.numel(), step):
+        total += torch.dot(u[i:i + step].float(), v[i:i + step].float())
+    return total
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -365,24 +383,64 @@ class CausalSelfAttention(nn.Module):
 # -----------------------------------------------------------------------------
 # MLP and block
 
+# rows of h per block in the ReLU^2 projection on the CPU: a 2 MiB relu(h)^2 workspace
+MLP_BLOCK_BYTES = 2 << 20
+
+
 class _ReluSquaredProj(torch.autograd.Function):
     """y = relu(h)^2 @ w^T that keeps only h (B, T, 4C) for the backward, recomputing
-    relu(h)^2 there; autograd would keep relu(h) and relu(h)^2 (twice the bytes)."""
+    relu(h)^2 there; autograd would keep relu(h) and relu(h)^2 (twice the bytes). On the
+    CPU both passes run on blocks of rows, so relu(h)^2 never exists at full size."""
 
     @staticmethod
     def forward(ctx, h: Tensor, w: Tensor) -> Tensor:
         ctx.save_for_backward(h, w)
-        return F.linear(F.relu(h).square_(), w.to(h.dtype))
+        h2, wt = h.reshape(-1, h.size(-1)), w.to(h.dtype)  # (N, 4C), (C, 4C)
+        out = torch.empty(h2.size(0), wt.size(0), dtype=h.dtype, device=h.device)
+        step = _block_rows(h2, h2.size(1), MLP_BLOCK_BYTES // h.element_size())
+        for i in range(0, h2.size(0), step):
+            torch.mm(F.relu(h2[i:i + step]).square_(), wt.t(), out=out[i:i + step])
+        return out.view(*h.shape[:-1], wt.size(0))
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
-        # one (B, T, 4C) temporary besides grad_h: relu(h), squared in place once used
         h, w = ctx.saved_tensors
-        r = F.relu(h)
-        grad_h = (grad @ (w.to(h.dtype) * 2)).mul_(r)  # 2 r dy/da; zero where h <= 0, as relu's backward
-        a = r.square_()
-        grad_w = grad.reshape(-1, grad.size(-1)).t() @ a.reshape(-1, a.size(-1))  # (C, 4C)
-        return grad_h, grad_w.to(w.dtype)
+        h2, g2 = h.reshape(-1, h.size(-1)), grad.reshape(-1, grad.size(-1))
+        w2 = w.to(h.dtype) * 2  # d relu(h)^2 / dh = 2 relu(h); the 2 is exact in any dtype
+        grad_h = torch.empty_like(h2)
+        grad_w = torch.zeros(w.shape, dtype=_acc_dtype(h.dtype), device=w.device)  # (C, 4C), summed over blocks
+        step = _block_rows(h2, h2.size(1), MLP_BLOCK_BYTES // h.element_size())
+        for i in range(0, h2.size(0), step):
+            r = F.relu(h2[i:i + step])
+            torch.mm(g2[i:i + step], w2, out=grad_h[i:i + step]).mul_(r)  # zero where h <= 0, as relu's backward
+            grad_w += (g2[i:i + step].t() @ r.square_()).to(grad_w.dtype)
+        return grad_h.view(h.shape), grad_w.to(w.dtype)
+
+
+class _ResidualMixFn(torch.autograd.Function):
+    """y = a * x + b * x0 for the per-layer scalars a, b (0-dim): one new tensor forward
+    and two backward (the gradients of x and x0); autograd's version makes four more for
+    the products and the scalars' gradients."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, x0: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        ctx.save_for_backward(x, x0, a, b)
+        return (x * a).addcmul_(x0, b)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:
+        x, x0, a, b = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        return (g * a if need[0] else None, g * b if need[1] else None,
+                _dot(g, x).to(a.dtype) if need[2] else None, _dot(g, x0).to(b.dtype) if need[3] else None)
+
+
+def residual_mix(x: Tensor, x0: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """a * x + b * x0 (x0: the normalized embedding), the same numbers on every path."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and (
+            x.requires_grad or x0.requires_grad or a.requires_grad or b.requires_grad):
+        return _ResidualMixFn.apply(x, x0, a, b)
+    return torch.addcmul(x * a, x0, b)
 
 
 class MLP(nn.Module):
@@ -415,7 +473,7 @@ class Block(nn.Module):
 #
 # For N = B*T rows and vocabulary V the fp32 logits are N*V*4 bytes (2 GiB at batch
 # 32 x 512 tokens, V = 32768), and autograd would keep several such tensors for the
-# backward. Instead rows are processed in chunks of about 2^25 logits: each chunk's
+# backward. Instead rows are processed in chunks of about 2^24 logits: each chunk's
 # logits, softcap, log-sum-exp and (when training) gradient are computed and dropped
 # before the next. With d = dL/dlogits_raw per chunk,
 #     dL/dz = softmax(z) - onehot(target),  z = cap * tanh(u / cap),  dz/du = 1 - tanh^2,
@@ -424,7 +482,7 @@ class Block(nn.Module):
 # gradient is one scalar, applied in backward), so the head's logits are computed once;
 # for "none" (per-row losses, e.g. RL) they are recomputed chunk by chunk in backward.
 
-LOSS_CHUNK_ELEMENTS = 1 << 25
+LOSS_CHUNK_ELEMENTS = 1 << 24
 
 
 def _chunk_rows(vocab: int, chunk_rows: int | None) -> int:
@@ -436,7 +494,7 @@ def _chunk_rows(vocab: int, chunk_rows: int | None) -> int:
 _SHIFT_FREE_SOFTCAP = 30.0
 # On the CPU the elementwise work on a chunk's logits runs on pieces of about this many
 # logits, so that its fp32 workspaces (2 x 1 MiB) stay in L2 cache between passes
-# (measured at d4, vocab 32768: 2^18 beats 2^17 and 2^19, and 2^25-logit chunks beat 2^24).
+# (measured at d4, vocab 32768: 2^18 beats 2^17 and 2^19).
 LOSS_PIECE_ELEMENTS = 1 << 18
 
 
@@ -455,10 +513,7 @@ def _head_chunks(x: Tensor, weight: Tensor, targets: Tensor, vocab_size: int, so
     The gradient overwrites the raw logits it came from.
     """
     n, C, dev = x.size(0), x.size(1), x.device
-    # (V, C): the padded rows never reach a logit. The forward matmul takes the weight
-    # divided by the softcap, so it yields u / cap directly (one pass per piece fewer)
-    w_in = (weight[:vocab_size] * (1.0 / softcap)).to(x.dtype)
-    w = weight[:vocab_size].to(x.dtype) if want_grad else None
+    w = weight[:vocab_size].to(x.dtype)  # (V, C): the padded rows never reach a logit
     grad_x = torch.empty_like(x) if want_grad else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if want_grad else None
     rows = max(1, min(chunk_rows, n))
@@ -471,18 +526,20 @@ def _head_chunks(x: Tensor, weight: Tensor, targets: Tensor, vocab_size: int, so
     sumexp = torch.empty(n, 1, dtype=torch.float32, device=dev)  # sum_j exp(z_j - shift)
     t_target = torch.empty(n, 1, dtype=torch.float32, device=dev)  # tanh(u_target / cap)
     shift = torch.zeros(n, 1, dtype=torch.float32, device=dev)
-    raw_buf = torch.empty(rows, vocab_size, dtype=x.dtype, device=dev)  # u / cap = x @ (w / cap)^T, then dL/du
+    raw_buf = torch.empty(rows, vocab_size, dtype=x.dtype, device=dev)  # u / cap = (x / cap) @ w^T, then dL/du
     t_buf = torch.empty(piece, vocab_size, dtype=torch.float32, device=dev)  # tanh(u / cap), then its square
     e_buf = torch.empty_like(t_buf)  # exp(z - shift), then the gradient in fp32
     low = x.dtype != torch.float32
-    # the chunk's grad_w in x.dtype, and in fp32 for the accumulation (an op mixing dtypes
-    # would allocate a converted temporary on every call)
+    # the chunk's grad_w in x.dtype, added to the fp32 grad_w in row blocks (an op mixing
+    # dtypes would convert the whole chunk into a temporary)
     gw_buf = torch.empty(vocab_size, C, dtype=x.dtype, device=dev) if want_grad and low else None
-    gw32_buf = torch.empty(vocab_size, C, dtype=torch.float32, device=dev) if want_grad and low else None
+    gw_rows = _block_rows(grad_w, C) if want_grad else 0
     for start in range(0, n, rows):
         end = min(start + rows, n)
         xc, raw = x[start:end], raw_buf[:end - start]
-        torch.mm(xc, w_in.t(), out=raw)  # u / cap
+        # the matmul yields u / cap straight away (one pass per piece fewer); the chunk of
+        # x is scaled, a small temporary, rather than a copy of the whole weight
+        torch.mm(xc * (1.0 / softcap), w.t(), out=raw)
         # per piece: only full-width passes; per-row values go to (N, 1) buffers via out=
         for p0 in range(start, end, piece):
             p1 = min(p0 + piece, end)
@@ -506,7 +563,8 @@ def _head_chunks(x: Tensor, weight: Tensor, targets: Tensor, vocab_size: int, so
         torch.mm(raw, w, out=grad_x[start:end])
         if low:
             torch.mm(raw.t(), xc, out=gw_buf)
-            grad_w[:vocab_size].add_(gw32_buf.copy_(gw_buf))
+            for r0 in range(0, vocab_size, gw_rows):
+                grad_w[r0:min(r0 + gw_rows, vocab_size)] += gw_buf[r0:r0 + gw_rows].float()
         else:
             grad_w[:vocab_size].addmm_(raw.t(), xc)
     lse = sumexp.log_().add_(shift).squeeze(1)
@@ -599,7 +657,7 @@ class GPT(nn.Module):
         self.compute_dtype = compute_dtype
         self.window_sizes = window_sizes(config)
         # training loss in row chunks (None: everywhere but CUDA, where memory is ample
-        # and torch.compile fuses the plain version); rows per chunk (None: ~2^25 logits)
+        # and torch.compile fuses the plain version); rows per chunk (None: ~2^24 logits)
         self.chunked_loss: bool | None = None
         self.loss_chunk_rows: int | None = None
         vocab = padded_vocab_size(config.vocab_size, pad_vocab_size_to)
@@ -701,7 +759,7 @@ class GPT(nn.Module):
         backout_layer = self.config.n_layer // 2
         x_mid = x
         for i, block in enumerate(self.transformer.h):
-            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            x = residual_mix(x, x0, self.resid_lambdas[i], self.x0_lambdas[i])
             ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
             x = block(x, ve, rotary, self.window_sizes[i], kv_cache, masks)
             if i == backout_layer:

@@ -5,8 +5,9 @@ targets (-1) count neither loss nor bytes.
 """
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -20,9 +21,7 @@ def evaluate_bpb(model: torch.nn.Module, batches: Iterable, steps: int, token_by
     device = token_bytes.device
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
-    it = iter(batches)
-    for _ in range(steps):
-        x, y, *_ = next(it)
+    for x, y, *_ in itertools.islice(batches, steps):  # fewer when `batches` ends first
         loss = model(x, y, loss_reduction="none").view(-1).double()  # (B*T,) nats per target
         y = y.view(-1)
         valid = y >= 0
@@ -36,6 +35,19 @@ def evaluate_bpb(model: torch.nn.Module, batches: Iterable, steps: int, token_by
     if nb == 0:
         return float("inf")
     return total_nats.item() / (math.log(2) * nb)
+
+
+def one_pass(batches: Iterable, steps: int) -> Iterator:
+    """At most `steps` items of a `pretrain_batches` loader, ending early once the loader
+    has read past the end of its split (its state's epoch turns 2): more batches would
+    only repeat the same tokens (a small val shard against a large --eval-tokens)."""
+    for i, item in enumerate(batches):
+        if i >= steps:
+            return
+        state = item[2] if len(item) > 2 else None
+        if i > 0 and isinstance(state, dict) and state.get("epoch", 1) > 1:
+            return
+        yield item
 
 
 # Fixed prompts to eyeball what a base model knows (sampled during and after training).
@@ -74,7 +86,7 @@ def split_bpb(model: torch.nn.Module, tokenizer, token_bytes: torch.Tensor, *, b
         loader = pretrain_batches(tokenizer, batch_size, seq_len, split, base_dir=base_dir,
                                   device=token_bytes.device, rank=rank, world_size=world_size)
         try:
-            results[split] = evaluate_bpb(model, loader, steps, token_bytes)
+            results[split] = evaluate_bpb(model, one_pass(loader, steps), steps, token_bytes)
         finally:
             loader.close()
     return results

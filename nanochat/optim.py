@@ -80,17 +80,19 @@ def polar_express(g: Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16
     it; the 1.01 and 1e-6 keep a margin). Each iteration applies X <- a X + b (X X^T) X +
     c (X X^T)^2 X, written with the smaller Gram matrix: X^T X (cols x cols) for tall X.
     """
-    x = g.to(dtype)
+    shape = g.shape
+    x = g.to(dtype).reshape(-1, *shape[-2:])      # (K, rows, cols)
     x = x / (x.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
     tall = x.size(-2) > x.size(-1)
     for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
-        if tall:
-            gram = x.mT @ x                       # (..., cols, cols)
-            x = a * x + x @ (b * gram + c * (gram @ gram))
-        else:
-            gram = x @ x.mT                       # (..., rows, rows)
-            x = a * x + (b * gram + c * (gram @ gram)) @ x
-    return x
+        # one new full-size matrix per iteration besides the Gram-sized ones (each fresh
+        # large tensor costs page faults on a CPU). The coefficients enter as Python
+        # floats (add's alpha, mul): baddbmm's beta/alpha would be rounded to bf16, and
+        # 8.16 -> 8.125 visibly weakens the iteration.
+        gram = x.mT @ x if tall else x @ x.mT     # (K, cols, cols) | (K, rows, rows)
+        poly = (gram @ gram).mul_(c).add_(gram, alpha=b)
+        x = (x @ poly if tall else poly @ x).add_(x, alpha=a)
+    return x.reshape(shape)
 
 
 def adamw_update(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Scalar,
@@ -126,25 +128,29 @@ def muon_update(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_m
     (per-row statistics, rows >= cols) or (K, 1, cols) when red_dim=-2; fp32. `lr` already
     includes the shape scaling.
     """
+    # (written with in-place ops: two full-size fp32 temporaries besides Polar Express's)
     g = grads.float()
     # Nesterov momentum: the update looks one step ahead along the momentum
     momentum_buffer.lerp_(g, 1 - momentum)
-    g = g.lerp(momentum_buffer, momentum)
+    g = torch.lerp(g, momentum_buffer, momentum)
     u = polar_express(g, ns_steps, ns_dtype).float()
+    del g
     # NorMuon: divide each row (or column) by the RMS of its recent orthogonalised updates,
     # then rescale so the update keeps the Frobenius norm it had after orthogonalisation.
     n = u.size(red_dim)
-    v_mean = u.square().mean(dim=red_dim, keepdim=True)                     # (K, rows, 1) | (K, 1, cols)
+    v_mean = u.norm(dim=red_dim, keepdim=True).square_().div_(n)            # (K, rows, 1) | (K, 1, cols)
     norm_before = (v_mean.sum(dim=(-2, -1), keepdim=True) * n).sqrt()       # (K, 1, 1)
     second_moment.lerp_(v_mean, 1 - beta2)
     scale = second_moment.clamp_min(1e-10).rsqrt()
     norm_after = (v_mean * n * scale.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
-    u = u * (scale * (norm_before / norm_after.clamp_min(1e-10)))
+    u.mul_(scale * (norm_before / norm_after.clamp_min(1e-10)))
     # Cautious weight decay: decay only the entries where the update has the same sign as
-    # the weight (so the step already moves them toward zero).
+    # the weight (so the step already moves them toward zero):
+    # p -= lr * (u + wd * p * [u * p >= 0])
     p32 = params.float()
-    decay = (u * p32 >= 0).to(p32.dtype)
-    p32.sub_(lr * (u + wd * p32 * decay))
+    step = torch.mul(u, p32)
+    torch.mul(p32, step >= 0, out=step)
+    p32.sub_(step.mul_(wd).add_(u).mul_(lr))
     if params.dtype != torch.float32:
         params.copy_(p32)
 

@@ -105,6 +105,41 @@ def test_cli_pipeline_train_eval_sample_save_then_base_loss(trained_tok_dir, tmp
     assert "train bpb" in captured.err and "val bpb" in captured.err
 
 
+def test_evaluation_stops_after_one_pass_of_a_small_val_split(trained_tok_dir, tmp_path, capsys):
+    """--eval-tokens / --split-tokens far beyond the val shard evaluate one pass of it,
+    instead of looping over the same tokens (base-train at the end, base-loss per split)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from nanochat.dataloader import pretrain_batches
+    from nanochat.loss_eval import one_pass
+    from nanochat.tokenizer import get_tokenizer
+
+    base = tmp_path / "run"
+    (base / "base_data").mkdir(parents=True)
+    (base / "base_data" / "shard_00000.parquet").symlink_to(OPENSTAX / "shard_00000.parquet")
+    docs = pq.read_table(OPENSTAX / "shard_00005.parquet").column("text").to_pylist()[:12]
+    pq.write_table(pa.table({"text": docs}), base / "base_data" / "shard_00001.parquet")  # the val split
+    shutil.copytree(trained_tok_dir / "tokenizer", base / "tokenizer")
+
+    tok = get_tokenizer(base)
+    val_tokens = sum(len(t) + 1 for t in tok.encode(docs))  # + BOS each
+    loader = pretrain_batches(tok, 4, 128, "val", base_dir=base, device="cpu")
+    try:
+        n = sum(1 for _ in one_pass(loader, 10_000))
+    finally:
+        loader.close()
+    assert 1 <= n <= val_tokens // (4 * 129) + 1  # one pass, not 10,000 batches of repeats
+
+    rc = cli.main(["base-train", *TOY, "--num-iterations", "1", "--eval-every", "0", "--eval-tokens", str(10 ** 9),
+                   "--base-dir", str(base)])
+    assert rc == 0
+    assert "evaluating on one pass" in capsys.readouterr().err
+    rc = cli.main(["base-loss", "--split-tokens", str(10 ** 9), "--device-batch-size", "4", "--max-tokens", "2",
+                   "--device-type", "cpu", "--base-dir", str(base)])
+    assert rc == 0
+    assert "val bpb" in capsys.readouterr().err
+
+
 def test_resume_equals_uninterrupted(trained_tok_dir, tmp_path, monkeypatch):
     """6 steps straight vs 3 steps, restart from the step-3 checkpoint, 3 more: same losses
     and bit-identical weights (fp32 on the CPU)."""

@@ -483,3 +483,41 @@ def test_blocked_norm_and_rope_norm_match_the_plain_ops(monkeypatch, block, dtyp
     xd2 = x2.double().requires_grad_()
     (want_dx2,) = torch.autograd.grad(F.rms_norm(xd2, (H * D,)) * 0.5, xd2, up.reshape(B * T, H * D).double())
     torch.testing.assert_close(dx2.double(), want_dx2, atol=tol * 8, rtol=tol * 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_blocked_mlp_and_residual_mix_match_autograd(monkeypatch, dtype):
+    import nanochat.gpt as gpt
+    monkeypatch.setattr(gpt, "MLP_BLOCK_BYTES", 64 * 4 * 8)  # a few rows per block
+    monkeypatch.setattr(gpt, "CPU_BLOCK_ELEMENTS", 40)  # _dot in many blocks
+    g = torch.Generator().manual_seed(3)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
+    mlp = gpt.MLP(GPTConfig(**{**TINY, "n_embd": 16, "n_head": 2, "n_kv_head": 2}))
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_(0, 0.3, generator=g)
+    if dtype == torch.float64:
+        mlp = mlp.double()  # fp64 masters too, or the weight gradients are rounded to fp32
+    x = torch.randn(3, 9, 16, generator=g).to(dtype).requires_grad_()
+    up = torch.randn(3, 9, 16, generator=g).to(dtype)
+    params = [x, mlp.c_fc.weight, mlp.c_proj.weight]
+    ours = torch.autograd.grad(mlp(x), params, up)
+    wf, wp = mlp.c_fc.weight.double(), mlp.c_proj.weight.double()
+    xd = x.detach().double().requires_grad_()
+    wf_, wp_ = wf.clone().requires_grad_(), wp.clone().requires_grad_()
+    plain = torch.autograd.grad(F.relu(xd @ wf_.t()).square() @ wp_.t(), [xd, wf_, wp_], up.double())
+    for a, b in zip(ours, plain):
+        torch.testing.assert_close(a.double(), b, atol=tol * b.abs().max().item(), rtol=tol)
+
+    # a * x + b * x0 with 0-dim lambdas: values and all four gradients
+    lam = torch.tensor([1.1, 0.3], dtype=torch.float64 if dtype == torch.float64 else torch.float32, requires_grad=True)
+    x, x0 = (torch.randn(2, 5, 16, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    y = gpt.residual_mix(x, x0, lam[0], lam[1])
+    with torch.no_grad():
+        assert torch.equal(gpt.residual_mix(x, x0, lam[0], lam[1]), y)  # inference: same numbers
+    grads = torch.autograd.grad(y, [x, x0, lam], up[:2, :5])
+    xd, x0d, lamd = (t.detach().double().requires_grad_() for t in (x, x0, lam))
+    want = torch.autograd.grad(lamd[0] * xd + lamd[1] * x0d, [xd, x0d, lamd], up[:2, :5].double())
+    torch.testing.assert_close(y.double(), (lamd[0] * xd + lamd[1] * x0d).detach(), atol=tol * 10, rtol=tol)
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a.double(), b, atol=tol * 10 * b.abs().max().item(), rtol=tol)

@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nanochat import scaling
-from nanochat.common import Runtime, peak_flops
+from nanochat.common import Runtime, peak_flops, release_free_memory
 from nanochat.config import check, option, to_dict
-from nanochat.training import (NonFiniteLossError, StepLogger, Timer, apply_schedule, make_sinks, tame_gc,
+from nanochat.training import (NonFiniteLossError, StepLogger, Timer, apply_schedule, make_sinks, after_step,
                                optimizer_step, peak_memory_bytes)
 
 log = logging.getLogger("nanochat.base_train")
@@ -155,7 +155,7 @@ def run(config: Config, runtime: Runtime) -> dict:
     from nanochat import checkpoint as ckpt
     from nanochat.dataloader import pretrain_batches
     from nanochat.gpt import GPTConfig, build_model
-    from nanochat.loss_eval import SAMPLE_PROMPTS, complete_prompts, evaluate_bpb
+    from nanochat.loss_eval import SAMPLE_PROMPTS, complete_prompts, evaluate_bpb, one_pass
     from nanochat.report import log_section
     from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
@@ -175,6 +175,9 @@ def run(config: Config, runtime: Runtime) -> dict:
              plan.num_iterations * plan.total_batch_size / plan.num_scaling_params, plan.grad_accum_steps)
     log.info("LR scale %.4f for batch %s; Muon weight decay %.5f", plan.lr_scale, f"{plan.total_batch_size:,}", plan.weight_decay)
 
+    # measured (off GPUs) before the model, the optimizer and the loader thread exist:
+    # on a quiet device, and its matrices are gone before training allocates
+    peak = peak_flops(device, runtime.dtype) * runtime.world_size
     model = build_model(GPTConfig(**plan.model_config), device, runtime.dtype)
     if config.fp8:
         if device.type != "cuda":
@@ -236,9 +239,13 @@ def run(config: Config, runtime: Runtime) -> dict:
             val = pretrain_batches(tokenizer, B, T, "val", base_dir=base_dir, device="cpu",
                                    rank=runtime.rank, world_size=runtime.world_size)
             try:
-                val_batches.extend((x, y) for (x, y, _), _ in zip(val, range(steps)))
+                val_batches.extend((x, y) for x, y, _ in one_pass(val, steps))
             finally:
                 val.close()
+            if len(val_batches) < steps:
+                log.info("the val split holds about %d batches of %d x %d tokens: evaluating on one pass of it "
+                         "rather than --eval-tokens %s", len(val_batches), B, T, f"{config.eval_tokens:,}")
+        release_free_memory()  # the training step's freed buffers: evaluation allocates its own
         model.eval()
         try:
             batches = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in val_batches)
@@ -249,7 +256,6 @@ def run(config: Config, runtime: Runtime) -> dict:
     user_config = to_dict(config)
     sink = make_sinks(runtime, ckpt_dir / "metrics.jsonl", config.run, user_config,
                       resume_step=step if resume_step is not None else None)
-    peak = peak_flops(device, runtime.dtype) * runtime.world_size
     logger = StepLogger(plan.num_iterations, plan.total_batch_size, plan.flops_per_token * plan.total_batch_size,
                         peak, sink, smooth_loss=smooth_loss, elapsed=train_time)
     log.info("peak %.3e FLOP/s in %s for MFU", peak, runtime.autocast_dtype_name())
@@ -306,7 +312,7 @@ def run(config: Config, runtime: Runtime) -> dict:
                                       num_micro_steps=plan.grad_accum_steps, scaler=scaler)
             record = logger.step(step, loss, timer.dt, lrm, runtime.is_master)
             step += 1
-            tame_gc(step, first_step)
+            after_step(step, first_step)
     except NonFiniteLossError:
         logger.close()
         log.error("stopping at step %d: the loss is not finite; the last good checkpoint is kept", step)

@@ -22,6 +22,7 @@ the model is built is reported too. Prints a table, then one JSON line with ever
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -170,7 +171,7 @@ def bench(config: Config, runtime: Runtime) -> dict:
     from nanochat.gpt import build_model
     from nanochat.scaling import batch_lr_scale
     from nanochat.stages.base_train import Config as TrainConfig
-    from nanochat.training import Timer, optimizer_step
+    from nanochat.training import Timer, after_step, optimizer_step
 
     device = runtime.device
     dtype = _compute_dtype(config, runtime)
@@ -211,8 +212,10 @@ def bench(config: Config, runtime: Runtime) -> dict:
         cpu_times.append(time.process_time() - cpu0)
         times.append(timer.dt)
         losses.append(loss)
+        after_step(i + 1, 0)  # base-train's housekeeping (GC, first-step heap trim), untimed as there
         log.info("step %d/%d%s: %.1f ms, loss %.4f", i + 1, n_steps, " (warm-up)" if i < config.warmup_steps else "",
                  timer.dt * 1000, loss)
+    gc.enable()
     memory = _memory_figures(device, baseline_rss)
     profile = _profile_table(train_model, optimizer, batches[0], step_runtime, loss_fn) if config.profile else None
 

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from nanochat import scaling
 from nanochat.common import Runtime, peak_flops
 from nanochat.config import check, option, to_dict
-from nanochat.training import (NonFiniteLossError, StepLogger, Timer, apply_schedule, make_sinks, tame_gc,
+from nanochat.training import (NonFiniteLossError, StepLogger, Timer, apply_schedule, make_sinks, after_step,
                                optimizer_step, peak_memory_bytes)
 
 log = logging.getLogger("nanochat.sft")
@@ -655,7 +655,7 @@ def run(config: Config, runtime: Runtime) -> dict:
             record = logger.step(step, loss, timer.dt, lrm, runtime.is_master, epoch=loader.epoch,
                                  progress=loader.progress)
             step += 1
-            tame_gc(step, first_step)
+            after_step(step, first_step)
     except NonFiniteLossError:
         logger.close()
         log.error("stopping at step %d: the loss is not finite; the last good checkpoint is kept", step)
