@@ -383,8 +383,10 @@ class CausalSelfAttention(nn.Module):
 # -----------------------------------------------------------------------------
 # MLP and block
 
-# rows of h per block in the ReLU^2 projection on the CPU: a 2 MiB relu(h)^2 workspace
-MLP_BLOCK_BYTES = 2 << 20
+# rows of h per block in the ReLU^2 projection on the CPU: a relu(h)^2 workspace of at
+# most 32 MiB (reused from the heap), few enough blocks that grad_w's fp32 accumulation
+# (one (C, 4C) conversion and add per block) stays cheap
+MLP_BLOCK_BYTES = 32 << 20
 
 
 class _ReluSquaredProj(torch.autograd.Function):
@@ -473,7 +475,7 @@ class Block(nn.Module):
 #
 # For N = B*T rows and vocabulary V the fp32 logits are N*V*4 bytes (2 GiB at batch
 # 32 x 512 tokens, V = 32768), and autograd would keep several such tensors for the
-# backward. Instead rows are processed in chunks of about 2^24 logits: each chunk's
+# backward. Instead rows are processed in chunks of about 2^25 logits: each chunk's
 # logits, softcap, log-sum-exp and (when training) gradient are computed and dropped
 # before the next. With d = dL/dlogits_raw per chunk,
 #     dL/dz = softmax(z) - onehot(target),  z = cap * tanh(u / cap),  dz/du = 1 - tanh^2,
@@ -482,7 +484,9 @@ class Block(nn.Module):
 # gradient is one scalar, applied in backward), so the head's logits are computed once;
 # for "none" (per-row losses, e.g. RL) they are recomputed chunk by chunk in backward.
 
-LOSS_CHUNK_ELEMENTS = 1 << 24
+# (1024 rows at vocab 32768: each chunk adds its bf16 grad_w into the fp32 one, a pass
+# over a (V, C) matrix, so fewer chunks are faster; the chunk buffer is 64 MiB in bf16)
+LOSS_CHUNK_ELEMENTS = 1 << 25
 
 
 def _chunk_rows(vocab: int, chunk_rows: int | None) -> int:
@@ -657,7 +661,7 @@ class GPT(nn.Module):
         self.compute_dtype = compute_dtype
         self.window_sizes = window_sizes(config)
         # training loss in row chunks (None: everywhere but CUDA, where memory is ample
-        # and torch.compile fuses the plain version); rows per chunk (None: ~2^24 logits)
+        # and torch.compile fuses the plain version); rows per chunk (None: ~2^25 logits)
         self.chunked_loss: bool | None = None
         self.loss_chunk_rows: int | None = None
         vocab = padded_vocab_size(config.vocab_size, pad_vocab_size_to)
