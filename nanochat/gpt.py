@@ -179,10 +179,10 @@ def _rms_forward_into(y: Tensor, rstd: Tensor, xf: Tensor, scratch: bool, scale:
     the accumulation dtype's epsilon, rsqrt, multiply), so bitwise equal to it."""
     torch.mean(xf.square(), -1, keepdim=True, out=rstd)
     rstd.add_(torch.finfo(rstd.dtype).eps).rsqrt_()
-    if y.dtype == xf.dtype and not scratch:
+    if scratch:
+        y.copy_(xf.mul_(rstd))
+    else:  # xf is x itself, already in y's dtype
         torch.mul(xf, rstd, out=y)
-    else:
-        y.copy_(xf.mul_(rstd) if scratch else xf * rstd)
     if scale != 1.0:
         y.mul_(scale)
 

@@ -204,18 +204,20 @@ def bench(config: Config, runtime: Runtime) -> dict:
         return m(b[0], b[1])
 
     times, cpu_times, losses = [], [], []
-    for i in range(n_steps):
-        cpu0 = time.process_time()
-        with Timer(device) as timer:
-            loss = optimizer_step(train_model, optimizer, iter([batches[i % len(batches)]]), loss_fn, step_runtime,
-                                  num_micro_steps=1, scaler=scaler)
-        cpu_times.append(time.process_time() - cpu0)
-        times.append(timer.dt)
-        losses.append(loss)
-        after_step(i + 1, 0)  # base-train's housekeeping (GC, first-step heap trim), untimed as there
-        log.info("step %d/%d%s: %.1f ms, loss %.4f", i + 1, n_steps, " (warm-up)" if i < config.warmup_steps else "",
-                 timer.dt * 1000, loss)
-    gc.enable()
+    try:
+        for i in range(n_steps):
+            cpu0 = time.process_time()
+            with Timer(device) as timer:
+                loss = optimizer_step(train_model, optimizer, iter([batches[i % len(batches)]]), loss_fn,
+                                      step_runtime, num_micro_steps=1, scaler=scaler)
+            cpu_times.append(time.process_time() - cpu0)
+            times.append(timer.dt)
+            losses.append(loss)
+            after_step(i + 1, 0)  # base-train's housekeeping (GC, first-step heap trim), untimed as there
+            log.info("step %d/%d%s: %.1f ms, loss %.4f", i + 1, n_steps,
+                     " (warm-up)" if i < config.warmup_steps else "", timer.dt * 1000, loss)
+    finally:
+        gc.enable()  # after_step turned automatic collection off
     memory = _memory_figures(device, baseline_rss)
     profile = _profile_table(train_model, optimizer, batches[0], step_runtime, loss_fn) if config.profile else None
 
