@@ -364,3 +364,35 @@ def test_gpt_setup_optimizer_groups_train_on_real_text(tiny_tokenizer, shared_da
     assert losses[-1] < 0.6 * losses[0], losses  # memorising one batch of real text
     wte = model.transformer.wte.weight
     assert opt.state[wte]["exp_avg"].dtype == torch.float32  # fp32 moments whatever the param dtype
+
+
+@pytest.mark.parametrize("env_dtype, expected", [("float32", torch.float32), ("bfloat16", torch.bfloat16)])
+def test_polar_express_matmuls_follow_the_runtime_dtype(monkeypatch, env_dtype, expected):
+    """The runtime's compute dtype decides Muon's matmul dtype: bf16 only where the model
+    computes in bf16 (on an AVX2-only CPU, emulated bf16 made the optimizer 76% of a step)."""
+    gpt = pytest.importorskip("nanochat.gpt")
+    import nanochat.optim as optim
+    from nanochat.common import build_runtime
+
+    monkeypatch.setenv("NANOCHAT_DTYPE", env_dtype)
+    runtime = build_runtime("cpu")
+    assert runtime.dtype == expected
+    config = gpt.GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32,
+                           window_pattern="L")
+    model = gpt.build_model(config, runtime.device, runtime.dtype)
+    opt = model.setup_optimizer()
+    assert opt.ns_dtype == expected
+    seen = []
+    real = optim.polar_express
+
+    def spy(g, steps=5, dtype=torch.bfloat16):
+        out = real(g, steps, dtype)
+        seen.append(out.dtype)  # the dtype the matmuls actually ran in
+        return out
+
+    monkeypatch.setattr(optim, "polar_express", spy)
+    model(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))).backward()
+    opt.step()
+    assert seen and set(seen) == {expected}
+    # an explicit choice still wins (the reference's bf16 everywhere, one argument away)
+    assert model.setup_optimizer(ns_dtype=torch.bfloat16).ns_dtype == torch.bfloat16
