@@ -371,13 +371,57 @@ def measure_peak_matmul_flops(device: torch.device, dtype: torch.dtype,
     return best
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """Peak FLOP/s for MFU: the datasheet figure on known GPUs, else measured."""
+PEAK_FLOPS_CACHE = "peak_flops.json"
+
+
+def device_description(device: torch.device) -> str:
+    """What a measured peak depends on: the processor model and, on CPUs, the thread
+    count (2 threads peak at about twice 1 thread's rate)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        model = ""
+        with contextlib.suppress(OSError):
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        model = line.split(":", 1)[1].strip()
+                        break
+        import platform
+        return f"{model or platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return device.type
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, cache_dir: str | os.PathLike | None = None) -> float:
+    """Peak FLOP/s for MFU: the datasheet figure on known GPUs, else measured.
+
+    A measured figure varies by 10-30% from run to run on a shared machine, which made two
+    stages of one run report different MFU for the same throughput. With `cache_dir` (the
+    base dir) the first measurement for this processor, thread count, dtype and torch
+    version is kept in `peak_flops.json` there and every later stage divides by the same
+    number; delete the file to measure again."""
     if device.type == "cuda":
         known = gpu_peak_flops(torch.cuda.get_device_name(device))
         if known is not None:
             return known
-    return measure_peak_matmul_flops(device, dtype)
+    if cache_dir is None:
+        return measure_peak_matmul_flops(device, dtype)
+    import json
+    path = Path(cache_dir) / PEAK_FLOPS_CACHE
+    key = f"{device_description(device)} | {str(dtype).removeprefix('torch.')} | torch {torch.__version__}"
+    table: dict = {}
+    with contextlib.suppress(OSError, ValueError):
+        table = json.loads(path.read_text())
+        if isinstance(table, dict) and isinstance(table.get(key), (int, float)) and table[key] > 0:
+            return float(table[key])
+    if not isinstance(table, dict):
+        table = {}
+    value = measure_peak_matmul_flops(device, dtype)
+    table[key] = value
+    with contextlib.suppress(OSError):  # a read-only base dir only loses the cache
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(table, indent=1, sort_keys=True) + "\n")
+    return value
 
 
 def _sync(device: torch.device) -> None:
