@@ -186,6 +186,18 @@ def find_largest_tag(checkpoints_dir: str | os.PathLike) -> str:
     return max(pool, key=lambda t: (depths.get(t, 0), tags[t]))
 
 
+def latest_stage(base_dir: str | os.PathLike) -> str | None:
+    """The furthest stage of the pipeline that has a complete checkpoint under base_dir:
+    "rl", else "sft", else "base"; None when there is none (the model to use by default)."""
+    for stage in ("rl", "sft", "base"):
+        try:
+            find_largest_tag(stage_root(base_dir, stage))
+            return stage
+        except FileNotFoundError:
+            continue
+    return None
+
+
 # -----------------------------------------------------------------------------
 # Load
 

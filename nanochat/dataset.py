@@ -115,6 +115,16 @@ def parquets_iter_batched(split: str, base_dir: str | os.PathLike | None = None,
     return _iter_row_groups(files, start, step)
 
 
+def tokenizer_train_texts(base_dir: str | os.PathLike | None, max_chars: int, doc_cap: int) -> Iterator[str]:
+    """The tokenizer's training stream (tok-train, bench-tok): train-split documents in
+    shard order, each cropped to `doc_cap` characters, `max_chars` characters in all."""
+    from nanochat.tokenizer import iter_capped  # lazy: reading shards needs no tokenizer (tiktoken)
+
+    batches = parquets_iter_batched("train", base_dir)  # raises now if shards are missing
+    docs = (doc for batch in batches for doc in batch)
+    return iter_capped(docs, max_chars, doc_cap)
+
+
 def _iter_row_groups(files: list[Path], start: int, step: int) -> Iterator[list[str]]:
     import pyarrow.parquet as pq
     for path in files:

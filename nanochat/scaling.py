@@ -13,6 +13,9 @@ import math
 REF_DEPTH = 12
 # Best total batch size at d12, in tokens (measured by the reference's sweeps).
 B_REF = 2 ** 19
+# Peak learning rates tuned at B_REF (base-train's defaults); other batch sizes scale
+# them by batch_lr_scale. Keys are GPT.setup_optimizer's arguments.
+PEAK_LRS = {"embedding_lr": 0.3, "unembedding_lr": 0.008, "matrix_lr": 0.02, "scalar_lr": 0.5}
 
 
 def model_dims(depth: int, aspect_ratio: int = 64, head_dim: int = 128) -> tuple[int, int]:

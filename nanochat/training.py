@@ -1,10 +1,12 @@
 """
 What every training stage shares: one optimizer step (gradient accumulation, fp16
-grad scaling, the NaN guard, schedule application), the per-step log line with its
+grad scaling, the NaN guard, schedule application), the loop around it (resume,
+evaluate, save on schedule and at the end, clean up), the per-step log line with its
 progress display, and metric sinks (JSONL beside the checkpoints, wandb).
 
-Pretraining, SFT and RL all call `optimizer_step`; they differ only in the
-`loss_fn` they pass and in the micro-batches they feed it.
+Pretraining, SFT and RL all run `train_loop` around `optimizer_step`; they differ in
+the evaluations, the checkpoint meta and the training step (`loss_fn`, micro-batches,
+schedule) they pass it.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 
+from nanochat import checkpoint as ckpt
 from nanochat.common import Runtime, atomic_write_text, release_free_memory
 
 log = logging.getLogger("nanochat.training")
@@ -111,6 +114,79 @@ def after_step(step: int, first_step: int) -> None:
         release_free_memory()
     elif step % 5000 == 0:
         gc.collect()
+
+
+# -----------------------------------------------------------------------------
+# The loop around it: resume, evaluate, save, train, clean up
+
+def find_resume_step(ckpt_dir: Path, resume_from_step: int | None, resume: str | None) -> int | None:
+    """The step to resume from: the newest complete checkpoint in `ckpt_dir` for
+    `--resume latest`, else `--resume-from-step` (None: start afresh)."""
+    return ckpt.find_last_step(ckpt_dir) if resume == "latest" else resume_from_step
+
+
+def restore_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       runtime: Runtime, *, model_config: dict, mismatch: str) -> dict:
+    """Load the weights and this rank's optimizer state saved at `step` into `model` and
+    `optimizer`, and return the checkpoint's meta. When the checkpoint holds another
+    architecture than `model_config`, raise ValueError(`mismatch`), formatted with
+    `ckpt_dir`, the `saved` model config and the `expected` one."""
+    model_state, optim_state, meta = ckpt.load_checkpoint(ckpt_dir, step, runtime.device, load_optimizer=True,
+                                                          rank=runtime.rank)
+    if meta.get("model_config") != model_config:
+        raise ValueError(mismatch.format(ckpt_dir=ckpt_dir, saved=meta.get("model_config"), expected=model_config))
+    model.load_state_dict(model_state)
+    optimizer.load_state_dict(optim_state)
+    del model_state, optim_state
+    log.info("resumed from %s at step %d", ckpt_dir, meta["step"])
+    return meta
+
+
+def train_loop(*, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime,
+               logger: StepLogger, ckpt_dir: Path, save_every: int, resume_step: int | None,
+               is_last: Callable[[int], bool], evaluate: Callable[[int, bool], None],
+               checkpoint_meta: Callable[[int], dict], train_step: Callable[[int], dict],
+               close: Callable[[], None] | None = None) -> tuple[int, dict]:
+    """Run a stage from `step` (0, or the step resumed from) to its last step:
+
+        at each step:  last = is_last(step); evaluate(step, last)
+                       save a checkpoint if due; stop if last
+                       record = train_step(step); step += 1; after_step(...)
+
+    `train_step` takes one optimizer step and returns the record `logger.step` made of it.
+    A checkpoint (weights, this rank's optimizer shard, meta = `checkpoint_meta(step)`;
+    every rank calls it) is saved at the last step and every `save_every` steps (0:
+    only at the end), but not at step 0 nor at `resume_step`, which is already on disk.
+    On a NaN/inf loss it logs where the run stopped and re-raises; the checkpoints saved
+    so far hold finite weights. However it ends, automatic GC is back on and the logger,
+    its sink and `close` (e.g. the loader) are closed.
+    Returns (the last step, the record of the last step trained; {} if none was)."""
+    first_step = step
+    record: dict = {}
+    try:
+        while True:
+            last = is_last(step)
+            evaluate(step, last)
+            if last or (save_every and step > 0 and step != resume_step and step % save_every == 0):
+                meta = checkpoint_meta(step)
+                ckpt.save_checkpoint(ckpt_dir, step, model.state_dict(), optimizer.state_dict(), meta,
+                                     rank=runtime.rank)
+                logger.event(f"step {step} | saved checkpoint to {ckpt_dir}", runtime.is_master)
+            if last:
+                return step, record
+            record = train_step(step)
+            step += 1
+            after_step(step, first_step)
+    except NonFiniteLossError:
+        logger.close()
+        log.error("stopping at step %d: the loss is not finite; the last good checkpoint is kept", step)
+        raise
+    finally:
+        gc.enable()  # after_step turned automatic collection off
+        logger.close()
+        logger.sink.close()
+        if close is not None:
+            close()
 
 
 # -----------------------------------------------------------------------------

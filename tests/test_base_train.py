@@ -168,12 +168,19 @@ def test_resume_equals_uninterrupted(trained_tok_dir, tmp_path, monkeypatch):
 def test_nan_loss_stops_without_saving(trained_tok_dir, tmp_path):
     base = _fresh_base(trained_tok_dir, tmp_path / "run")
     rt = Runtime(device=torch.device("cpu"), dtype=torch.float32, base_dir=base)
+    from nanochat import checkpoint as ckpt
     from nanochat.training import NonFiniteLossError
     with pytest.raises(NonFiniteLossError, match="not applied"):
         base_train.run(_toy_config(matrix_lr=1e30, embedding_lr=1e30, unembedding_lr=1e30, num_iterations=8,
                                    eval_every=0, save_every=1), rt)
-    # whatever was saved before the blow-up holds finite weights
-    for p in (base / "base_checkpoints" / "d2").glob("model_*.pt"):
+    # step 0 trains on a finite loss (the huge LRs blow the weights up) and step 1 is saved;
+    # step 1's loss is not finite, so nothing after it is: step 1 is the last good checkpoint
+    ckpt_dir = base / "base_checkpoints" / "d2"
+    assert ckpt.complete_steps(ckpt_dir) == [1]
+    saved = sorted(ckpt_dir.glob("model_*.pt"))
+    assert [p.name for p in saved] == ["model_000001.pt"]
+    assert sorted(_losses(ckpt_dir)) == [0]
+    for p in saved:
         assert all(torch.isfinite(t).all() for t in torch.load(p).values() if t.is_floating_point())
 
 

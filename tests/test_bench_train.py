@@ -88,3 +88,12 @@ def test_invalid_options_are_reported_together(capsys):
                      "--window-pattern", "SXL"]) == 2
     err = capsys.readouterr().err
     assert "--compare-dtypes" in err and "--steps" in err and "--window-pattern" in err
+
+
+def test_bench_uses_base_trains_learning_rates():
+    """bench-train times base-train's optimizer: the peak LRs it scales are base-train's defaults."""
+    from nanochat.scaling import PEAK_LRS
+    from nanochat.stages import base_train
+
+    defaults = base_train.Config()
+    assert PEAK_LRS == {name: getattr(defaults, name) for name in PEAK_LRS}

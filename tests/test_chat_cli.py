@@ -144,3 +144,21 @@ def test_missing_model_and_bad_flags(tmp_path, capsys):
     assert "--temperature" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["chat", "-i", "nonsense"])
+
+
+def test_default_model_is_the_latest_stage(tiny_base_checkpoint, tmp_path):
+    """Without -i the chat takes rl if trained, else sft, else base (folders with only an
+    incomplete checkpoint do not count)."""
+    from nanochat.checkpoint import latest_stage
+
+    assert latest_stage(tmp_path) is None
+    assert latest_stage(tiny_base_checkpoint) == "base"
+    d2 = tiny_base_checkpoint / "base_checkpoints" / "d2"
+    (tmp_path / "chatrl_checkpoints" / "d2").mkdir(parents=True)  # a folder without a checkpoint
+    for name in ("base_checkpoints", "chatsft_checkpoints"):
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "d2").symlink_to(d2, target_is_directory=True)
+    assert latest_stage(tmp_path) == "sft"
+    (tmp_path / "chatrl_checkpoints" / "d2").rmdir()
+    (tmp_path / "chatrl_checkpoints" / "d2").symlink_to(d2, target_is_directory=True)
+    assert latest_stage(tmp_path) == "rl"

@@ -1,7 +1,7 @@
-"""chat-eval's scoring: pass@k and ChatCORE arithmetic, multiple-choice scoring from letter
-logits (batched = one by one = an independent computation), sampled tasks with pass@k,
-problems split over ranks, and user mistakes. The CLI end to end runs in test_sft.py on
-a fine-tuned model."""
+"""Chat scoring (nanochat.chat_scoring, shared by chat-eval, sft and rl): pass@k and
+ChatCORE arithmetic, multiple-choice scoring from letter logits (batched = one by one =
+an independent computation), sampled tasks with pass@k, problems split over ranks; and
+chat-eval's user mistakes. The CLI end to end runs in test_sft.py on a fine-tuned model."""
 from __future__ import annotations
 
 import itertools
@@ -9,9 +9,10 @@ import itertools
 import pytest
 import torch
 
-from nanochat import cli
+from nanochat import chat_scoring, cli
+from nanochat.chat_scoring import chatcore, pass_at_k, run_chat_eval
 from nanochat.stages import chat_eval
-from nanochat.stages.chat_eval import chatcore, parse_task_names, pass_at_k, run_chat_eval
+from nanochat.stages.chat_eval import parse_task_names
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_chatcore_is_mean_centered_accuracy():
     # centered: 0, 1/3, 1, 0.1, 0, 0.3
     assert chatcore(acc) == pytest.approx((0 + 1 / 3 + 1 + 0.1 + 0 + 0.3) / 6)
     assert chatcore({k: v for k, v in acc.items() if k != "HumanEval"}) is None
-    assert chatcore(acc, tasks=chat_eval.CATEGORICAL_TASKS) == pytest.approx((0 + 1 / 3 + 1) / 3)
+    assert chatcore(acc, tasks=chat_scoring.CATEGORICAL_TASKS) == pytest.approx((0 + 1 / 3 + 1) / 3)
     assert parse_task_names(" ARC-Easy | GSM8K|GSM8K ") == ["ARC-Easy", "GSM8K"]
 
 
@@ -72,7 +73,7 @@ def _predict_one_by_one(model, tokenizer, task, n: int) -> int:
 
 def test_categorical_scoring_batched_equals_single(tiny, hub):
     model, tokenizer = tiny
-    task = chat_eval.load_task("ARC-Easy", **hub)
+    task = chat_scoring.load_task("ARC-Easy", **hub)
     n = 8
     expected = _predict_one_by_one(model, tokenizer, task, n)
     for batch_size in (1, 4):
@@ -87,7 +88,7 @@ def test_categorical_scoring_batched_equals_single(tiny, hub):
 
 def test_generative_pass_at_k_and_ranks(tiny, hub):
     model, tokenizer = tiny
-    task = chat_eval.load_task("GSM8K", **hub)
+    task = chat_scoring.load_task("GSM8K", **hub)
     result = run_chat_eval(model, tokenizer, "GSM8K", task=task, num_samples=3, temperature=1.0, max_new_tokens=6,
                            max_problems=3)
     assert result.total == 3 and result.num_samples == 3 and set(result.pass_at_k) == {1, 2, 3}

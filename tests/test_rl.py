@@ -181,15 +181,21 @@ def _records(path: Path) -> list[dict]:
 
 
 def test_rl_cli_end_to_end_with_resume_then_chat_eval(sft_base, shared_data, tmp_path, monkeypatch):
+    from nanochat import training
     from nanochat.checkpoint import checkpoint_dir
     from nanochat.report import read_sections
 
     monkeypatch.setenv("NANOCHAT_HF_MIRROR", (shared_data / "hf_schema").as_uri())
+    housekeeping = []  # (step, first step) of each training.after_step call, which RL must make too
+    after_step = training.after_step
+    monkeypatch.setattr(training, "after_step", lambda step, first: (housekeeping.append((step, first)),
+                                                                     after_step(step, first)))
     base = tmp_path / "base"
     shutil.copytree(sft_base, base)
     assert cli.main(["report", "--reset", "--base-dir", str(base)]) == 0
     args = ["rl", *RL_TOY, "--num-steps", "3", "--base-dir", str(base)]
     assert cli.main(args) == 0
+    assert housekeeping == [(1, 0), (2, 0), (3, 0)]
 
     ckpt = checkpoint_dir(base, "rl", TAG)
     assert sorted(p.name for p in ckpt.glob("meta_*.json")) == [f"meta_00000{i}.json" for i in (1, 2, 3)]
@@ -210,7 +216,9 @@ def test_rl_cli_end_to_end_with_resume_then_chat_eval(sft_base, shared_data, tmp
 
     # resume from step 1: steps 2 and 3 come out the same as the uninterrupted run
     final = torch.load(ckpt / "model_000003.pt", weights_only=True)
+    housekeeping.clear()
     assert cli.main([*args, "--resume-from-step", "1"]) == 0
+    assert housekeeping == [(2, 1), (3, 1)]
     again = torch.load(ckpt / "model_000003.pt", weights_only=True)
     assert final.keys() == again.keys()
     for k in final:

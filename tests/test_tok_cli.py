@@ -8,6 +8,7 @@ import torch
 
 from nanochat import cli
 from nanochat.common import Runtime
+from nanochat.dataset import parquets_iter_batched, tokenizer_train_texts
 from nanochat.report import read_sections
 from nanochat.stages import tok_eval, tok_train
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -31,6 +32,16 @@ def shard_base(tmp_path, shared_data):
     for shard in sorted((shared_data / "pretrain_openstax" / "base_data").glob("*.parquet")):
         (base / "base_data" / shard.name).symlink_to(shard)
     return base
+
+
+def test_tokenizer_train_texts_crop_and_cap(shard_base):
+    texts = list(tokenizer_train_texts(shard_base, max_chars=50_000, doc_cap=1000))
+    assert sum(map(len, texts)) == 50_000 and max(map(len, texts)) == 1000
+    # the train shards' documents in order, each cropped (never the held-out last shard)
+    docs = (doc for batch in parquets_iter_batched("train", shard_base) for doc in batch)
+    assert all(doc.startswith(text) for text, doc in zip(texts, docs))
+    with pytest.raises(FileNotFoundError):
+        tokenizer_train_texts(shard_base / "nothing", 10, 10)
 
 
 def test_tok_train_then_tok_eval(shard_base, capsys):

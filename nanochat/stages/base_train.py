@@ -11,7 +11,6 @@ measures val bits per byte, CORE and samples, and saves resumable checkpoints.
 """
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -21,8 +20,8 @@ import torch
 from nanochat import scaling
 from nanochat.common import Runtime, peak_flops, release_free_memory
 from nanochat.config import check, option, to_dict
-from nanochat.training import (NonFiniteLossError, StepLogger, Timer, apply_schedule, make_sinks, after_step,
-                               optimizer_step, peak_memory_bytes)
+from nanochat.training import (StepLogger, Timer, apply_schedule, find_resume_step, make_sinks, optimizer_step,
+                               peak_memory_bytes, restore_checkpoint, train_loop)
 
 log = logging.getLogger("nanochat.base_train")
 
@@ -190,25 +189,18 @@ def run(config: Config, runtime: Runtime) -> dict:
         weight_decay=plan.weight_decay)
 
     # --- resume ---------------------------------------------------------------
-    resume_step = config.resume_from_step
-    if config.resume == "latest":
-        resume_step = ckpt.find_last_step(ckpt_dir)
+    resume_step = find_resume_step(ckpt_dir, config.resume_from_step, config.resume)
     step, val_bpb, min_val_bpb, smooth_loss, train_time, loader_state = 0, None, float("inf"), 0.0, 0.0, None
     if resume_step is not None:
-        model_state, optim_state, meta = ckpt.load_checkpoint(ckpt_dir, resume_step, device, load_optimizer=True, rank=runtime.rank)
-        if meta.get("model_config") != plan.model_config:
-            raise ValueError(f"the checkpoint in {ckpt_dir} was trained with model config {meta.get('model_config')}, "
-                             f"but these flags give {plan.model_config}; resume with the original flags")
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state)
-        del model_state, optim_state
+        meta = restore_checkpoint(ckpt_dir, resume_step, model, optimizer, runtime, model_config=plan.model_config,
+                                  mismatch="the checkpoint in {ckpt_dir} was trained with model config {saved}, "
+                                           "but these flags give {expected}; resume with the original flags")
         step, val_bpb = meta["step"], meta.get("val_bpb")
         loop = meta.get("loop_state", {})
         min_val_bpb = loop.get("min_val_bpb", float("inf"))
         smooth_loss = loop.get("smooth_train_loss", 0.0)
         train_time = loop.get("total_training_time", 0.0)
         loader_state = meta.get("dataloader_state_dict")
-        log.info("resumed from %s at step %d", ckpt_dir, step)
 
     train_model = model
     use_compile = config.compile if config.compile is not None else device.type == "cuda"
@@ -262,66 +254,56 @@ def run(config: Config, runtime: Runtime) -> dict:
 
     core_results: dict = {}
     samples: list[str] = []
-    record: dict = {}
-    t_start = time.time()
-    first_step = step
-    try:
-        while True:
-            last = step == plan.num_iterations
-            if (config.eval_every and step % config.eval_every == 0) or last:
-                val_bpb = evaluate()
-                min_val_bpb = min(min_val_bpb, val_bpb)
-                logger.event(f"step {step} | val bpb {val_bpb:.4f}", runtime.is_master, step=step, val_bpb=val_bpb)
-            if config.core_metric_every and (last or (step > 0 and step % config.core_metric_every == 0)):
-                from nanochat.core_eval import ensure_eval_bundle, evaluate_core
-                model.eval()
-                core_results = evaluate_core(model, tokenizer, device, ensure_eval_bundle(base_dir),
-                                             max_per_task=config.core_metric_max_per_task,
-                                             rank=runtime.rank, world_size=runtime.world_size)
-                model.train()
-                logger.event(f"step {step} | CORE {core_results['core']:.4f}", runtime.is_master,
-                             step=step, core=core_results["core"])
-            if config.sample_every and runtime.is_master and (last or (step > 0 and step % config.sample_every == 0)):
-                model.eval()
-                samples = complete_prompts(model, tokenizer, SAMPLE_PROMPTS)
-                model.train()
-                logger.event("samples:\n" + "\n".join(f"  {p!r} → {s!r}" for p, s in zip(SAMPLE_PROMPTS, samples)))
-            if last or (config.save_every and step > 0 and step != resume_step and step % config.save_every == 0):
-                loader_states = consumed["state"]
-                if runtime.distributed:
-                    # every rank reads its own row groups: keep all positions for an exact resume
-                    loader_states = [None] * runtime.world_size
-                    torch.distributed.all_gather_object(loader_states, consumed["state"])
-                meta = {
-                    "step": step, "val_bpb": val_bpb, "model_config": plan.model_config, "user_config": user_config,
-                    "device_batch_size": B, "max_seq_len": T, "total_batch_size": plan.total_batch_size,
-                    "num_iterations": plan.num_iterations, "dataloader_state_dict": loader_states,
-                    "loop_state": {"min_val_bpb": min_val_bpb, "smooth_train_loss": logger.smooth_loss,
-                                   "total_training_time": logger.elapsed},
-                }
-                ckpt.save_checkpoint(ckpt_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank=runtime.rank)
-                logger.event(f"step {step} | saved checkpoint to {ckpt_dir}", runtime.is_master)
-            if last:
-                break
 
-            lrm = scaling.lr_multiplier(step, plan.num_iterations, config.warmup_steps, config.warmdown_ratio, config.final_lr_frac)
-            apply_schedule(optimizer, lrm, scaling.muon_momentum(step, plan.num_iterations, config.warmdown_ratio),
-                           scaling.muon_weight_decay(step, plan.num_iterations, plan.weight_decay))
-            with Timer(device) as timer:
-                loss = optimizer_step(train_model, optimizer, micro, lambda m, b: m(b[0], b[1]), runtime,
-                                      num_micro_steps=plan.grad_accum_steps, scaler=scaler)
-            record = logger.step(step, loss, timer.dt, lrm, runtime.is_master)
-            step += 1
-            after_step(step, first_step)
-    except NonFiniteLossError:
-        logger.close()
-        log.error("stopping at step %d: the loss is not finite; the last good checkpoint is kept", step)
-        raise
-    finally:
-        gc.enable()
-        logger.close()
-        sink.close()
-        micro.close()
+    def evaluate_due(step: int, last: bool) -> None:
+        nonlocal val_bpb, min_val_bpb, core_results, samples
+        if (config.eval_every and step % config.eval_every == 0) or last:
+            val_bpb = evaluate()
+            min_val_bpb = min(min_val_bpb, val_bpb)
+            logger.event(f"step {step} | val bpb {val_bpb:.4f}", runtime.is_master, step=step, val_bpb=val_bpb)
+        if config.core_metric_every and (last or (step > 0 and step % config.core_metric_every == 0)):
+            from nanochat.core_eval import ensure_eval_bundle, evaluate_core
+            model.eval()
+            core_results = evaluate_core(model, tokenizer, device, ensure_eval_bundle(base_dir),
+                                         max_per_task=config.core_metric_max_per_task,
+                                         rank=runtime.rank, world_size=runtime.world_size)
+            model.train()
+            logger.event(f"step {step} | CORE {core_results['core']:.4f}", runtime.is_master,
+                         step=step, core=core_results["core"])
+        if config.sample_every and runtime.is_master and (last or (step > 0 and step % config.sample_every == 0)):
+            model.eval()
+            samples = complete_prompts(model, tokenizer, SAMPLE_PROMPTS)
+            model.train()
+            logger.event("samples:\n" + "\n".join(f"  {p!r} → {s!r}" for p, s in zip(SAMPLE_PROMPTS, samples)))
+
+    def checkpoint_meta(step: int) -> dict:
+        loader_states = consumed["state"]
+        if runtime.distributed:
+            # every rank reads its own row groups: keep all positions for an exact resume
+            loader_states = [None] * runtime.world_size
+            torch.distributed.all_gather_object(loader_states, consumed["state"])
+        return {
+            "step": step, "val_bpb": val_bpb, "model_config": plan.model_config, "user_config": user_config,
+            "device_batch_size": B, "max_seq_len": T, "total_batch_size": plan.total_batch_size,
+            "num_iterations": plan.num_iterations, "dataloader_state_dict": loader_states,
+            "loop_state": {"min_val_bpb": min_val_bpb, "smooth_train_loss": logger.smooth_loss,
+                           "total_training_time": logger.elapsed},
+        }
+
+    def train_step(step: int) -> dict:
+        lrm = scaling.lr_multiplier(step, plan.num_iterations, config.warmup_steps, config.warmdown_ratio, config.final_lr_frac)
+        apply_schedule(optimizer, lrm, scaling.muon_momentum(step, plan.num_iterations, config.warmdown_ratio),
+                       scaling.muon_weight_decay(step, plan.num_iterations, plan.weight_decay))
+        with Timer(device) as timer:
+            loss = optimizer_step(train_model, optimizer, micro, lambda m, b: m(b[0], b[1]), runtime,
+                                  num_micro_steps=plan.grad_accum_steps, scaler=scaler)
+        return logger.step(step, loss, timer.dt, lrm, runtime.is_master)
+
+    t_start = time.time()
+    _, record = train_loop(step=step, model=model, optimizer=optimizer, runtime=runtime, logger=logger,
+                           ckpt_dir=ckpt_dir, save_every=config.save_every, resume_step=resume_step,
+                           is_last=lambda step: step == plan.num_iterations, evaluate=evaluate_due,
+                           checkpoint_meta=checkpoint_meta, train_step=train_step, close=micro.close)
 
     metrics = {
         "steps": plan.num_iterations, "num_params": plan.num_params, "flops_per_token": plan.flops_per_token,

@@ -103,16 +103,14 @@ def _random_model(config: Config, runtime: Runtime, why: str) -> Subject:
 
 
 def load_subject(config: Config, runtime: Runtime) -> Subject:
-    from nanochat.checkpoint import load_model
-    from nanochat.stages.chat_cli import default_source
+    from nanochat.checkpoint import latest_stage, load_model
 
     if config.random_init:
         return _random_model(config, runtime, "--random-init")
     source = config.source
     if source is None:
-        try:
-            source = default_source(runtime.base_dir)
-        except FileNotFoundError:
+        source = latest_stage(runtime.base_dir)
+        if source is None:
             log.warning("no checkpoint under %s: benchmarking a random d%d model instead (timings do not depend "
                         "on the weights)", runtime.base_dir, config.depth)
             return _random_model(config, runtime, f"no checkpoint under {runtime.base_dir}")

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 from nanochat.common import Runtime
 from nanochat.config import check, option
-from nanochat.dataset import parquets_iter_batched
-from nanochat.stages.tok_train import train_texts
+from nanochat.dataset import parquets_iter_batched, tokenizer_train_texts
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 log = logging.getLogger("nanochat.bench_tok")
@@ -62,7 +61,7 @@ def _best_time(fn, repeats: int) -> tuple[float, object]:
 
 def run(config: Config, runtime: Runtime) -> dict:
     config.validate()
-    texts = list(train_texts(runtime.base_dir, config.max_chars, config.doc_cap))
+    texts = list(tokenizer_train_texts(runtime.base_dir, config.max_chars, config.doc_cap))
     train_chars = sum(map(len, texts))
     # rustbpe counts words on all cores (rayon), so cpu count matters when comparing runs
     t0 = time.perf_counter()

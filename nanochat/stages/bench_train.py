@@ -105,6 +105,10 @@ def _memory_figures(device: torch.device, baseline_rss: int | None) -> dict:
     if device.type == "cuda":
         out["memory_kind"] = "cuda max_memory_allocated"
     else:
+        # the kernel's peak RSS (getrusage) and /proc's current RSS are kept by different
+        # counters that can lag each other by a few pages: a peak below a measured RSS is that lag
+        peak = max(peak, baseline_rss or 0, current_rss_bytes() or 0)
+        out["peak_memory_mib"] = peak / _MIB
         out["memory_kind"] = "peak RSS"
         if baseline_rss is not None:
             out["baseline_rss_mib"] = baseline_rss / _MIB
@@ -169,8 +173,7 @@ def _profile_table(model, optimizer, batch, runtime: Runtime, loss_fn, rows: int
 def bench(config: Config, runtime: Runtime) -> dict:
     """Build the model, time warmup + steps training steps, return every figure."""
     from nanochat.gpt import build_model
-    from nanochat.scaling import batch_lr_scale
-    from nanochat.stages.base_train import Config as TrainConfig
+    from nanochat.scaling import PEAK_LRS, batch_lr_scale
     from nanochat.training import Timer, after_step, optimizer_step
 
     device = runtime.device
@@ -191,11 +194,8 @@ def bench(config: Config, runtime: Runtime) -> dict:
         convert_to_fp8(model, config.fp8_recipe)
     # base-train's learning rates at this batch size (timing does not depend on them, but
     # the loss then stays finite however many steps are run)
-    defaults = TrainConfig()
     lr_scale = batch_lr_scale(config.device_batch_size * config.max_seq_len)
-    optimizer = model.setup_optimizer(
-        unembedding_lr=defaults.unembedding_lr * lr_scale, embedding_lr=defaults.embedding_lr * lr_scale,
-        matrix_lr=defaults.matrix_lr * lr_scale, scalar_lr=defaults.scalar_lr * lr_scale)
+    optimizer = model.setup_optimizer(**{name: lr * lr_scale for name, lr in PEAK_LRS.items()})
     use_compile = config.compile if config.compile is not None else device.type == "cuda"
     train_model = torch.compile(model, dynamic=False) if use_compile else model
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None

@@ -23,7 +23,6 @@ from nanochat.config import check, option
 
 log = logging.getLogger("nanochat.chat_cli")
 
-SOURCES = ("rl", "sft", "base")  # newest first: the default is the first one that has a checkpoint
 HELP = "commands: /clear (new conversation), /quit (or Ctrl-D) to leave, /help"
 
 
@@ -214,27 +213,16 @@ def interactive(session: ChatSession, stdin: TextIO, out: TextIO) -> None:
 # -----------------------------------------------------------------------------
 # The stage
 
-def default_source(base_dir) -> str:
-    """The newest kind of model that has a checkpoint: rl, else sft, else base."""
-    from nanochat.checkpoint import find_largest_tag, stage_root
-
-    for source in SOURCES:
-        try:
-            find_largest_tag(stage_root(base_dir, source))
-            return source
-        except FileNotFoundError:
-            continue
-    raise FileNotFoundError(f"no model to chat with under {base_dir}: train one first "
-                            "(`nanochat base-train`, then `nanochat sft`), or pass --base-dir")
-
-
 def run(config: Config, runtime: Runtime, stdin: TextIO | None = None, out: TextIO | None = None) -> dict:
-    from nanochat.checkpoint import load_model
+    from nanochat.checkpoint import latest_stage, load_model
     from nanochat.engine import Engine, cast_for_inference
 
     stdin = stdin if stdin is not None else sys.stdin
     out = out if out is not None else sys.stdout
-    source = config.source or default_source(runtime.base_dir)
+    source = config.source or latest_stage(runtime.base_dir)
+    if source is None:
+        raise FileNotFoundError(f"no model to chat with under {runtime.base_dir}: train one first "
+                                "(`nanochat base-train`, then `nanochat sft`), or pass --base-dir")
     model, tokenizer, meta = load_model(source, runtime.base_dir, runtime.device, runtime.dtype,
                                         tag=config.tag, step=config.step)
     cast_for_inference(model.eval())  # same numbers, about half the memory traffic per token

@@ -28,15 +28,15 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
 from nanochat.common import Runtime, peak_flops
 from nanochat.config import check, option, to_dict
-from nanochat.training import (NonFiniteLossError, StepLogger, Timer, apply_schedule, make_sinks,
-                               optimizer_step, peak_memory_bytes)
+from nanochat.training import (StepLogger, Timer, apply_schedule, find_resume_step, make_sinks, optimizer_step,
+                               peak_memory_bytes, restore_checkpoint, train_loop)
 
 log = logging.getLogger("nanochat.rl")
 
@@ -261,9 +261,9 @@ def _mean_across_ranks(values: list[float], runtime: Runtime) -> float:
 
 def run(config: Config, runtime: Runtime) -> dict:
     from nanochat import checkpoint as ckpt
+    from nanochat.chat_scoring import run_chat_eval
     from nanochat.engine import Engine
     from nanochat.report import log_section
-    from nanochat.stages.chat_eval import run_chat_eval
     from nanochat.tasks.gsm8k import GSM8K
 
     config.validate()
@@ -294,25 +294,18 @@ def run(config: Config, runtime: Runtime) -> dict:
         group["initial_lr"] = group["lr"]
 
     # --- resume ---------------------------------------------------------------
-    resume_step = config.resume_from_step
-    if config.resume == "latest":
-        resume_step = ckpt.find_last_step(ckpt_dir)
+    resume_step = find_resume_step(ckpt_dir, config.resume_from_step, config.resume)
     step, smooth_loss, train_time, last_eval = 0, 0.0, 0.0, {}
     if resume_step is not None:
-        model_state, optim_state, meta = ckpt.load_checkpoint(ckpt_dir, resume_step, device, load_optimizer=True,
-                                                              rank=runtime.rank)
-        if meta.get("model_config") != model_config:
-            raise ValueError(f"the RL checkpoint in {ckpt_dir} has model config {meta.get('model_config')}, but the SFT "
-                             f"model has {model_config}; resume from the SFT checkpoint the run started from (-g/-s)")
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state)
-        del model_state, optim_state
+        meta = restore_checkpoint(ckpt_dir, resume_step, model, optimizer, runtime, model_config=model_config,
+                                  mismatch="the RL checkpoint in {ckpt_dir} has model config {saved}, but the SFT "
+                                           "model has {expected}; resume from the SFT checkpoint the run started from "
+                                           "(-g/-s)")
         step = meta["step"]
         num_steps = meta.get("num_steps", num_steps) if config.num_steps is None else num_steps
         loop = meta.get("loop_state", {})
         smooth_loss, train_time = loop.get("smooth_train_loss", 0.0), loop.get("total_training_time", 0.0)
         last_eval = meta.get("eval", {})
-        log.info("resumed from %s at step %d", ckpt_dir, step)
         if step > num_steps:
             raise ValueError(f"the checkpoint is at step {step}, past the run's {num_steps} steps; raise --num-steps")
 
@@ -332,7 +325,7 @@ def run(config: Config, runtime: Runtime) -> dict:
                         smooth_loss=smooth_loss, elapsed=train_time, warmup_steps_excluded=1,
                         show=("reward", "seq_len"))
 
-    def evaluate() -> dict[str, float]:
+    def pass_at_k() -> dict[str, float]:
         # chat-eval's sampler: unbiased pass@k (Chen et al. 2021) from eval_samples answers
         # per question, seeds fixed per question so evaluations at different steps compare
         result = run_chat_eval(model, tokenizer, "GSM8K", task=val_task, engine=engine,
@@ -345,57 +338,53 @@ def run(config: Config, runtime: Runtime) -> dict:
 
     if resume_step is not None and last_eval.get("step") == step:
         sink.log(dict(last_eval))  # the saved evaluation of this step, not run again
-    t_start = time.time()
-    record: dict[str, Any] = {}
     history: list[float] = []
-    try:
-        while True:
-            last = step == num_steps
-            if ((config.eval_every and step % config.eval_every == 0) or last) and last_eval.get("step") != step:
-                passk = evaluate()
-                last_eval = {"step": step, **passk}
-                k = config.eval_samples
-                logger.event(f"step {step} | pass@1 {passk['pass@1']:.4f} | pass@{k} {passk[f'pass@{k}']:.4f}",
-                             runtime.is_master, step=step, **passk)
-            if last or (config.save_every and step > 0 and step != resume_step and step % config.save_every == 0):
-                meta = {
-                    **{k: v for k, v in source_meta.items() if k not in ("loop_state", "dataloader_state_dict", "user_config")},
-                    "step": step, "model_config": model_config, "model_tag": out_tag, "user_config": user_config,
-                    "source": {"stage": "sft", "tag": config.tag or source_meta.get("model_tag"), "step": source_meta.get("step")},
-                    "num_steps": num_steps, "eval": last_eval,
-                    "loop_state": {"smooth_train_loss": logger.smooth_loss, "total_training_time": logger.elapsed},
-                }
-                ckpt.save_checkpoint(ckpt_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank=runtime.rank)
-                logger.event(f"step {step} | saved checkpoint to {ckpt_dir}", runtime.is_master)
-            if last:
-                break
 
-            first = step * examples_per_rank
-            indices = [rank_indices[(first + j) % len(rank_indices)] for j in range(examples_per_rank)]
-            stats = StepStats([], [], [])
-            lrm = 1.0 - step / num_steps
-            apply_schedule(optimizer, lrm)
-            micro = rollout_micro_batches(engine, model, tokenizer, train_task, indices, config, step, device, stats)
-            with Timer(device) as timer:
-                loss = optimizer_step(model, optimizer, micro, _rl_loss, runtime,
-                                      num_micro_steps=examples_per_rank * passes_per_example, scaler=scaler)
-            micro.close()
-            reward = _mean_across_ranks(stats.rewards, runtime)
-            seq_len = _mean_across_ranks([float(n) for n in stats.seq_lens], runtime)
-            answer_len = _mean_across_ranks([float(n) for n in stats.answer_lens], runtime)
-            tokens = int(round(seq_len * config.examples_per_step * config.num_samples))
-            logger.tokens_per_step = tokens
-            logger.flops_per_step = flops_per_token * tokens * 4 / 3
-            record = logger.step(step, loss, timer.dt, lrm, runtime.is_master, reward=reward, seq_len=seq_len,
-                                 answer_len=answer_len, trained_tokens=stats.trained_tokens)
-            history.append(reward)
-            step += 1
-    except NonFiniteLossError:
-        log.error("stopping at step %d: the loss is not finite; the last good checkpoint is kept", step)
-        raise
-    finally:
-        logger.close()
-        sink.close()
+    def evaluate_due(step: int, last: bool) -> None:
+        nonlocal last_eval
+        if ((config.eval_every and step % config.eval_every == 0) or last) and last_eval.get("step") != step:
+            passk = pass_at_k()
+            last_eval = {"step": step, **passk}
+            k = config.eval_samples
+            logger.event(f"step {step} | pass@1 {passk['pass@1']:.4f} | pass@{k} {passk[f'pass@{k}']:.4f}",
+                         runtime.is_master, step=step, **passk)
+
+    def checkpoint_meta(step: int) -> dict:
+        return {
+            **{k: v for k, v in source_meta.items() if k not in ("loop_state", "dataloader_state_dict", "user_config")},
+            "step": step, "model_config": model_config, "model_tag": out_tag, "user_config": user_config,
+            "source": {"stage": "sft", "tag": config.tag or source_meta.get("model_tag"), "step": source_meta.get("step")},
+            "num_steps": num_steps, "eval": last_eval,
+            "loop_state": {"smooth_train_loss": logger.smooth_loss, "total_training_time": logger.elapsed},
+        }
+
+    def train_step(step: int) -> dict:
+        first = step * examples_per_rank
+        indices = [rank_indices[(first + j) % len(rank_indices)] for j in range(examples_per_rank)]
+        stats = StepStats([], [], [])
+        lrm = 1.0 - step / num_steps
+        apply_schedule(optimizer, lrm)
+        micro = rollout_micro_batches(engine, model, tokenizer, train_task, indices, config, step, device, stats)
+        with Timer(device) as timer:
+            loss = optimizer_step(model, optimizer, micro, _rl_loss, runtime,
+                                  num_micro_steps=examples_per_rank * passes_per_example, scaler=scaler)
+        micro.close()
+        reward = _mean_across_ranks(stats.rewards, runtime)
+        seq_len = _mean_across_ranks([float(n) for n in stats.seq_lens], runtime)
+        answer_len = _mean_across_ranks([float(n) for n in stats.answer_lens], runtime)
+        tokens = int(round(seq_len * config.examples_per_step * config.num_samples))
+        logger.tokens_per_step = tokens
+        logger.flops_per_step = flops_per_token * tokens * 4 / 3
+        record = logger.step(step, loss, timer.dt, lrm, runtime.is_master, reward=reward, seq_len=seq_len,
+                             answer_len=answer_len, trained_tokens=stats.trained_tokens)
+        history.append(reward)
+        return record
+
+    t_start = time.time()
+    step, record = train_loop(step=step, model=model, optimizer=optimizer, runtime=runtime, logger=logger,
+                              ckpt_dir=ckpt_dir, save_every=config.save_every, resume_step=resume_step,
+                              is_last=lambda step: step == num_steps, evaluate=evaluate_due,
+                              checkpoint_meta=checkpoint_meta, train_step=train_step)
 
     k = config.eval_samples
     metrics = {

@@ -25,14 +25,10 @@ replace it: --mixture identity:2 mmlu-aux:3 gsm8k:4 simple-spelling spelling.
 """
 from __future__ import annotations
 
-import difflib
-import gc
 import json
 import logging
 import math
-import re
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,8 +39,10 @@ import torch.distributed as dist
 from nanochat import scaling
 from nanochat.common import Runtime, peak_flops
 from nanochat.config import check, option, to_dict
-from nanochat.training import (NonFiniteLossError, StepLogger, Timer, apply_schedule, make_sinks, after_step,
-                               optimizer_step, peak_memory_bytes)
+from nanochat.tasks.mixture import (DEFAULT_GSM8K_EPOCHS, DEFAULT_MMLU_EPOCHS, build_mixture, default_mixture,
+                                    default_val_mixture, parse_mixture)
+from nanochat.training import (StepLogger, Timer, apply_schedule, find_resume_step, make_sinks, optimizer_step,
+                               peak_memory_bytes, restore_checkpoint, train_loop)
 
 log = logging.getLogger("nanochat.sft")
 
@@ -59,181 +57,6 @@ INHERITED = {
     "matrix_lr": ("user_config", 0.02),
     "scalar_lr": ("user_config", 0.5),
 }
-
-
-# -----------------------------------------------------------------------------
-# Mixture specs: NAME[:EPOCHS][@ROWS], or jsonl:PATH[:EPOCHS][@ROWS]
-
-IDENTITY_FILE = "identity_conversations.jsonl"
-DEFAULT_MMLU_EPOCHS = 3
-DEFAULT_GSM8K_EPOCHS = 4
-# The reference's validation mixture, sized to roughly match the training proportions.
-DEFAULT_VAL_MIXTURE = ("smoltalk-test", "mmlu-test@5200", "gsm8k-test@420")
-# name -> what it holds. Train splits are plain names; evaluation splits end in -test.
-COMPONENTS = {
-    "smoltalk": "SmolTalk train, ~460K general conversations",
-    "smoltalk-test": "SmolTalk test",
-    "identity": f"identity conversations, <base_dir>/{IDENTITY_FILE} (downloaded when missing)",
-    "mmlu-aux": "MMLU auxiliary_train, ~100K multiple-choice questions",
-    "mmlu-test": "MMLU test, all subjects",
-    "gsm8k": "GSM8K train, 7.5K math problems with calculator calls",
-    "gsm8k-test": "GSM8K test",
-    "arc-easy": "ARC-Easy train", "arc-easy-test": "ARC-Easy test",
-    "arc-challenge": "ARC-Challenge train", "arc-challenge-test": "ARC-Challenge test",
-    "simple-spelling": "SimpleSpelling train, 200K generated rows (@ROWS: how many)",
-    "simple-spelling-test": "SimpleSpelling test, 256 generated rows",
-    "spelling": "SpellingBee train, 80K generated rows (@ROWS: how many)",
-    "spelling-test": "SpellingBee test, 256 generated rows",
-}
-
-
-@dataclass(frozen=True)
-class Component:
-    """One parsed spec: a COMPONENTS name or "jsonl" (with its `path`), how many times
-    it is listed in the mixture, and an optional row limit."""
-    name: str
-    epochs: int = 1
-    rows: int | None = None
-    path: str | None = None
-
-    def __str__(self) -> str:
-        head = f"jsonl:{self.path}" if self.name == "jsonl" else self.name
-        return head + (f":{self.epochs}" if self.epochs != 1 else "") + (f"@{self.rows}" if self.rows else "")
-
-
-def default_mixture(mmlu_epochs: int = DEFAULT_MMLU_EPOCHS, gsm8k_epochs: int = DEFAULT_GSM8K_EPOCHS) -> list[str]:
-    """The reference SFT mixture: SmolTalk, identity ×2, MMLU aux ×3, GSM8K ×4, the spelling tasks."""
-    specs = ["smoltalk", "identity:2"]
-    if mmlu_epochs:
-        specs.append(f"mmlu-aux:{mmlu_epochs}")
-    if gsm8k_epochs:
-        specs.append(f"gsm8k:{gsm8k_epochs}")
-    return specs + ["simple-spelling", "spelling"]
-
-
-_SPEC_RE = re.compile(r"^(?P<head>[^:@]+)(?::(?P<epochs>[^:@]*))?(?:@(?P<rows>[^:@]*))?$")
-# a path may hold ':' and '@' itself: only a trailing ':<digits>' and '@<digits>' are options
-_JSONL_RE = re.compile(r"^jsonl:(?P<path>.+?)(?::(?P<epochs>\d+))?(?:@(?P<rows>\d+))?$")
-
-
-def parse_component(spec: str) -> Component:
-    """'gsm8k:4' -> Component('gsm8k', 4); 'jsonl:/data/my.jsonl:2@500' -> that file, 2
-    epochs, its first 500 rows. Raises ValueError naming the spec and the accepted forms."""
-    text = spec.strip() if isinstance(spec, str) else ""
-    if not text:
-        raise ValueError(f"empty mixture spec {spec!r}; use NAME[:EPOCHS][@ROWS], e.g. gsm8k:4")
-    if text.startswith("jsonl:"):
-        m = _JSONL_RE.match(text)
-        if not m:
-            raise ValueError(f"mixture spec {text!r}: give a file, as jsonl:/path/to/file.jsonl[:EPOCHS][@ROWS]")
-        name, path = "jsonl", m.group("path")
-    else:
-        m = _SPEC_RE.match(text)
-        name, path = (m.group("head") if m else text), None
-        if not m or name not in COMPONENTS:
-            close = difflib.get_close_matches(name, list(COMPONENTS), n=2, cutoff=0.6)
-            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-            raise ValueError(f"mixture spec {text!r}: unknown component {name!r}{hint}; known: "
-                             f"{', '.join(COMPONENTS)}, and jsonl:/path/file.jsonl (form NAME[:EPOCHS][@ROWS])")
-    epochs = _spec_int(text, "EPOCHS", m.group("epochs"), minimum=0) if m.group("epochs") is not None else 1
-    rows = _spec_int(text, "ROWS", m.group("rows"), minimum=1) if m.group("rows") is not None else None
-    return Component(name=name, epochs=epochs, rows=rows, path=path)
-
-
-def _spec_int(spec: str, what: str, text: str, minimum: int) -> int:
-    if not text.isdigit() or int(text) < minimum:
-        raise ValueError(f"mixture spec {spec!r}: {what} must be an integer >= {minimum}, got {text!r} "
-                         f"(form: NAME[:EPOCHS][@ROWS], e.g. gsm8k:4 or spelling@5000)")
-    return int(text)
-
-
-def parse_mixture(specs: Sequence[str]) -> list[Component]:
-    """Parse every spec, reporting all bad ones at once; components of 0 epochs are dropped."""
-    components, problems = [], []
-    for spec in specs:
-        try:
-            components.append(parse_component(spec))
-        except ValueError as e:
-            problems.append(str(e))
-    if problems:
-        raise ValueError("; ".join(problems))
-    components = [c for c in components if c.epochs > 0]
-    if not components:
-        raise ValueError(f"the mixture {list(specs)} has no component with at least one epoch")
-    return components
-
-
-def ensure_identity_conversations(base_dir: Path, url: str | None = None) -> Path:
-    """<base_dir>/identity_conversations.jsonl, downloaded from `url` (default: the
-    reference's) the first time; the download is checked as a conversations file."""
-    from nanochat.downloads import DownloadError, download_file
-    from nanochat.tasks.customjson import IDENTITY_URL, read_conversations
-
-    path = Path(base_dir) / IDENTITY_FILE
-    if path.is_file():
-        return path
-    url = url or IDENTITY_URL
-    log.info("downloading identity conversations from %s to %s", url, path)
-    try:
-        download_file(url, path, timeout=60, retries=3, validate=read_conversations)
-    except DownloadError as e:
-        raise FileNotFoundError(f"{path} is missing and could not be downloaded from {url}: {e}. Put the file "
-                                f"there, pass --identity-url (file:// works), or leave 'identity' out of --mixture") from e
-    return path
-
-
-def build_component(comp: Component, base_dir: Path, identity_url: str | None = None, mirror: str | None = None):
-    """The Task of one component (hub data through `mirror`, default $NANOCHAT_HF_MIRROR)."""
-    from nanochat.tasks import ARC, GSM8K, MMLU, CustomJSON, SimpleSpelling, SmolTalk, SpellingBee
-
-    hub = {"base_dir": base_dir, "mirror": mirror, "stop": comp.rows}
-    name = comp.name
-    if name == "jsonl":
-        path = Path(comp.path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"mixture component jsonl:{comp.path}: no such file; give an existing JSONL "
-                                    "file of conversations (one JSON list of messages per line)")
-        return CustomJSON(filepath=path, stop=comp.rows)
-    if name == "identity":
-        return CustomJSON(filepath=ensure_identity_conversations(base_dir, identity_url), stop=comp.rows)
-    if name in ("smoltalk", "smoltalk-test"):
-        return SmolTalk(split="test" if name.endswith("-test") else "train", **hub)
-    if name == "mmlu-aux":
-        return MMLU(subset="auxiliary_train", split="train", **hub)
-    if name == "mmlu-test":
-        return MMLU(subset="all", split="test", **hub)
-    if name in ("gsm8k", "gsm8k-test"):
-        return GSM8K(subset="main", split="test" if name.endswith("-test") else "train", **hub)
-    if name.startswith("arc-"):
-        subset = "ARC-Easy" if name.startswith("arc-easy") else "ARC-Challenge"
-        return ARC(subset=subset, split="test" if name.endswith("-test") else "train", **hub)
-    test = name.endswith("-test")
-    cls = SimpleSpelling if name.startswith("simple-spelling") else SpellingBee
-    default_size = 256 if test else (200_000 if cls is SimpleSpelling else 80_000)
-    return cls(size=comp.rows or default_size, split="test" if test else "train", base_dir=base_dir)
-
-
-def build_mixture(components: Sequence[Component], base_dir: Path, identity_url: str | None = None,
-                  mirror: str | None = None, seed: int = 42):
-    """(TaskMixture of the components, one description line per component). A component
-    of E epochs is listed E times, so each of its rows appears E times per SFT epoch."""
-    from nanochat.tasks import TaskMixture
-
-    tasks, lines = [], []
-    for comp in components:
-        try:
-            task = build_component(comp, base_dir, identity_url, mirror)
-        except (FileNotFoundError, ValueError) as e:
-            if comp.name == "jsonl" or str(e).startswith("mixture component"):
-                raise
-            kind = FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError
-            raise kind(f"mixture component {comp}: {e}. To go on without it, list the other components "
-                       f"with --mixture (see `nanochat sft --help`)") from e
-        if len(task) == 0:
-            raise ValueError(f"mixture component {comp} has no rows")
-        tasks.extend([task] * comp.epochs)
-        lines.append(f"{comp}: {len(task):,} rows × {comp.epochs} = {len(task) * comp.epochs:,}")
-    return TaskMixture(tasks, seed=seed), lines
 
 
 @dataclass
@@ -339,9 +162,7 @@ class Config:
     def validation_specs(self, training: list[str]) -> list[str]:
         if self.val_mixture is not None:
             return list(self.val_mixture)
-        trained = {c.name for c in parse_mixture(training)}
-        # SmolTalk may be unavailable (offline runs drop it); its test split goes with it
-        return [s for s in DEFAULT_VAL_MIXTURE if s != "smoltalk-test" or "smoltalk" in trained]
+        return default_val_mixture(training)
 
 
 # -----------------------------------------------------------------------------
@@ -488,10 +309,10 @@ def _sync_progress(loader, runtime: Runtime) -> tuple[float, bool]:
 
 def run(config: Config, runtime: Runtime) -> dict:
     from nanochat import checkpoint as ckpt
+    from nanochat.chat_scoring import evaluate_chatcore
     from nanochat.loss_eval import evaluate_bpb
     from nanochat.report import log_section
     from nanochat.sft_data import SFTLoader
-    from nanochat.stages.chat_eval import evaluate_chatcore
     from nanochat.tokenizer import get_token_bytes
 
     config.validate()
@@ -506,9 +327,7 @@ def run(config: Config, runtime: Runtime) -> dict:
         ckpt.find_last_step(ckpt.checkpoint_dir(base_dir, "base", base_tag))
     tag = config.output_tag or base_tag
     ckpt_dir = ckpt.checkpoint_dir(base_dir, "sft", tag)
-    resume_step = config.resume_from_step
-    if config.resume == "latest":
-        resume_step = ckpt.find_last_step(ckpt_dir)
+    resume_step = find_resume_step(ckpt_dir, config.resume_from_step, config.resume)
     if resume_step is not None:
         _check_resumable(ckpt_dir, resume_step, train_specs)
     model, tokenizer, base_meta = ckpt.load_model("base", base_dir, device, runtime.dtype, tag=base_tag,
@@ -550,20 +369,14 @@ def run(config: Config, runtime: Runtime) -> dict:
     step, val_bpb, min_val_bpb, smooth_loss, train_time, loader_state = 0, None, float("inf"), 0.0, 0.0, None
     optimizer_warm_start = "resumed" if resume_step is not None else "off"
     if resume_step is not None:
-        model_state, optim_state, meta = ckpt.load_checkpoint(ckpt_dir, resume_step, device, load_optimizer=True,
-                                                              rank=runtime.rank)
-        if meta.get("model_config") != model_config:
-            raise ValueError(f"the SFT checkpoint in {ckpt_dir} has model config {meta.get('model_config')}, but the "
-                             f"base model has {model_config}; resume with the base checkpoint the run started from")
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state)
-        del model_state, optim_state
+        meta = restore_checkpoint(ckpt_dir, resume_step, model, optimizer, runtime, model_config=model_config,
+                                  mismatch="the SFT checkpoint in {ckpt_dir} has model config {saved}, but the base "
+                                           "model has {expected}; resume with the base checkpoint the run started from")
         step, val_bpb = meta["step"], meta.get("val_bpb")
         loop = meta.get("loop_state", {})
         min_val_bpb = loop.get("min_val_bpb", float("inf"))
         smooth_loss, train_time = loop.get("smooth_train_loss", 0.0), loop.get("total_training_time", 0.0)
         loader_state = _rank_loader_state(meta.get("dataloader_state_dict"), runtime)
-        log.info("resumed from %s at step %d", ckpt_dir, step)
     elif config.load_optimizer:
         optimizer_warm_start = _warm_start_optimizer(optimizer, base_dir, base_tag, base_step, runtime)
 
@@ -599,71 +412,65 @@ def run(config: Config, runtime: Runtime) -> dict:
                         peak, sink, smooth_loss=smooth_loss, elapsed=train_time, show=("epoch",))
 
     chatcore_results: dict = {}
-    record: dict = {}
-    t_start = time.time()
-    first_step = step
-    try:
-        while True:
-            progress, epoch_done = _sync_progress(loader, runtime)
-            if config.num_iterations is not None:
-                last = step >= config.num_iterations
-                progress = step / config.num_iterations
-            else:
-                last = epoch_done
-            if (config.eval_every and step % config.eval_every == 0) or last:
-                val_bpb = evaluate_val()
-                min_val_bpb = min(min_val_bpb, val_bpb)
-                logger.event(f"step {step} | val bpb {val_bpb:.4f}", runtime.is_master, step=step, val_bpb=val_bpb)
-            if config.chatcore_every and (last or (step > 0 and step % config.chatcore_every == 0)):
-                chatcore_results = evaluate_chatcore(
-                    model, tokenizer, max_problems=config.chatcore_max_problems,
-                    max_problems_categorical=config.chatcore_max_categorical, batch_size=B,
-                    max_new_tokens=config.chatcore_max_new_tokens, rank=runtime.rank,
-                    world_size=runtime.world_size, base_dir=base_dir)
-                model.train()
-                acc = chatcore_results["accuracy"]
-                logger.event(f"step {step} | ChatCORE {chatcore_results['chatcore']:.4f} | ChatCORE_cat "
-                             f"{chatcore_results['chatcore_cat']:.4f} | " +
-                             " ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items()), runtime.is_master,
-                             step=step, chatcore=chatcore_results["chatcore"],
-                             chatcore_cat=chatcore_results["chatcore_cat"],
-                             **{f"chatcore/{k}": v for k, v in acc.items()})
-            if last or (config.save_every and step > 0 and step != resume_step and step % config.save_every == 0):
-                meta = {
-                    "step": step, "val_bpb": val_bpb, "model_config": model_config, "model_tag": tag,
-                    "user_config": user_config, "source": {"stage": "base", "tag": base_tag, "step": base_step},
-                    **hp, "hyperparameters": resolved, "lr_scale": lr_scale, "init_lr_frac": config.init_lr_frac,
-                    "num_iterations": config.num_iterations, "mixture": train_specs, "val_mixture": val_specs,
-                    "mixture_rows": len(train_set), "optimizer_warm_start": optimizer_warm_start,
-                    "chatcore": chatcore_results.get("chatcore"),
-                    "dataloader_state_dict": _gather_loader_states(loader.state_dict(), runtime),
-                    "loop_state": {"min_val_bpb": min_val_bpb, "smooth_train_loss": logger.smooth_loss,
-                                   "total_training_time": logger.elapsed, "progress": progress},
-                }
-                ckpt.save_checkpoint(ckpt_dir, step, model.state_dict(), optimizer.state_dict(), meta,
-                                     rank=runtime.rank)
-                logger.event(f"step {step} | saved checkpoint to {ckpt_dir}", runtime.is_master)
-            if last:
-                break
+    progress = 0.0  # of the epoch (or of --num-iterations), agreed by all ranks at the top of each step
 
-            lrm = progress_lr_multiplier(progress, config.warmup_ratio, config.warmdown_ratio, config.final_lr_frac)
-            apply_schedule(optimizer, lrm, sft_muon_momentum(step))
-            with Timer(device) as timer:
-                loss = optimizer_step(train_model, optimizer, loader, supervised_mean_loss, runtime,
-                                      num_micro_steps=grad_accum, scaler=scaler)
-            logger.total_steps = estimated_total(step + 1, loader.progress)
-            record = logger.step(step, loss, timer.dt, lrm, runtime.is_master, epoch=loader.epoch,
-                                 progress=loader.progress)
-            step += 1
-            after_step(step, first_step)
-    except NonFiniteLossError:
-        logger.close()
-        log.error("stopping at step %d: the loss is not finite; the last good checkpoint is kept", step)
-        raise
-    finally:
-        gc.enable()
-        logger.close()
-        sink.close()
+    def is_last(step: int) -> bool:
+        nonlocal progress
+        progress, epoch_done = _sync_progress(loader, runtime)
+        if config.num_iterations is not None:
+            progress = step / config.num_iterations
+            return step >= config.num_iterations
+        return epoch_done
+
+    def evaluate_due(step: int, last: bool) -> None:
+        nonlocal val_bpb, min_val_bpb, chatcore_results
+        if (config.eval_every and step % config.eval_every == 0) or last:
+            val_bpb = evaluate_val()
+            min_val_bpb = min(min_val_bpb, val_bpb)
+            logger.event(f"step {step} | val bpb {val_bpb:.4f}", runtime.is_master, step=step, val_bpb=val_bpb)
+        if config.chatcore_every and (last or (step > 0 and step % config.chatcore_every == 0)):
+            chatcore_results = evaluate_chatcore(
+                model, tokenizer, max_problems=config.chatcore_max_problems,
+                max_problems_categorical=config.chatcore_max_categorical, batch_size=B,
+                max_new_tokens=config.chatcore_max_new_tokens, rank=runtime.rank,
+                world_size=runtime.world_size, base_dir=base_dir)
+            model.train()
+            acc = chatcore_results["accuracy"]
+            logger.event(f"step {step} | ChatCORE {chatcore_results['chatcore']:.4f} | ChatCORE_cat "
+                         f"{chatcore_results['chatcore_cat']:.4f} | " +
+                         " ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items()), runtime.is_master,
+                         step=step, chatcore=chatcore_results["chatcore"],
+                         chatcore_cat=chatcore_results["chatcore_cat"],
+                         **{f"chatcore/{k}": v for k, v in acc.items()})
+
+    def checkpoint_meta(step: int) -> dict:
+        return {
+            "step": step, "val_bpb": val_bpb, "model_config": model_config, "model_tag": tag,
+            "user_config": user_config, "source": {"stage": "base", "tag": base_tag, "step": base_step},
+            **hp, "hyperparameters": resolved, "lr_scale": lr_scale, "init_lr_frac": config.init_lr_frac,
+            "num_iterations": config.num_iterations, "mixture": train_specs, "val_mixture": val_specs,
+            "mixture_rows": len(train_set), "optimizer_warm_start": optimizer_warm_start,
+            "chatcore": chatcore_results.get("chatcore"),
+            "dataloader_state_dict": _gather_loader_states(loader.state_dict(), runtime),
+            "loop_state": {"min_val_bpb": min_val_bpb, "smooth_train_loss": logger.smooth_loss,
+                           "total_training_time": logger.elapsed, "progress": progress},
+        }
+
+    def train_step(step: int) -> dict:
+        lrm = progress_lr_multiplier(progress, config.warmup_ratio, config.warmdown_ratio, config.final_lr_frac)
+        apply_schedule(optimizer, lrm, sft_muon_momentum(step))
+        with Timer(device) as timer:
+            loss = optimizer_step(train_model, optimizer, loader, supervised_mean_loss, runtime,
+                                  num_micro_steps=grad_accum, scaler=scaler)
+        logger.total_steps = estimated_total(step + 1, loader.progress)
+        return logger.step(step, loss, timer.dt, lrm, runtime.is_master, epoch=loader.epoch,
+                           progress=loader.progress)
+
+    t_start = time.time()
+    step, record = train_loop(step=step, model=model, optimizer=optimizer, runtime=runtime, logger=logger,
+                              ckpt_dir=ckpt_dir, save_every=config.save_every, resume_step=resume_step,
+                              is_last=is_last, evaluate=evaluate_due, checkpoint_meta=checkpoint_meta,
+                              train_step=train_step)
 
     metrics = {
         "steps": step, "mixture_rows": len(train_set), "epoch_progress": loader.progress,

@@ -8,16 +8,14 @@ learns --vocab-size tokens (9 of them special) with rustbpe, and writes
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from nanochat.common import Runtime
 from nanochat.config import check, option, to_dict
-from nanochat.dataset import parquets_iter_batched
+from nanochat.dataset import tokenizer_train_texts
 from nanochat.report import log_section
-from nanochat.tokenizer import SPECIAL_TOKENS, TOKENIZER_SUBDIR, Tokenizer, iter_capped
+from nanochat.tokenizer import SPECIAL_TOKENS, TOKENIZER_SUBDIR, Tokenizer
 
 log = logging.getLogger("nanochat.tok_train")
 
@@ -44,13 +42,6 @@ class Config:
         check(problems)
 
 
-def train_texts(base_dir: str | os.PathLike, max_chars: int, doc_cap: int) -> Iterator[str]:
-    """The tokenizer's training stream: train-split documents, cropped and capped."""
-    batches = parquets_iter_batched("train", base_dir)  # raises now if shards are missing
-    docs = (doc for batch in batches for doc in batch)
-    return iter_capped(docs, max_chars, doc_cap)
-
-
 class _Counter:
     """Pass texts through while counting them, to report what training consumed."""
 
@@ -66,7 +57,7 @@ class _Counter:
 
 def run(config: Config, runtime: Runtime) -> dict:
     config.validate()
-    stream = _Counter(train_texts(runtime.base_dir, config.max_chars, config.doc_cap))
+    stream = _Counter(tokenizer_train_texts(runtime.base_dir, config.max_chars, config.doc_cap))
     t0 = time.perf_counter()
     tokenizer = Tokenizer.train_from_iterator(stream, config.vocab_size)
     train_time = time.perf_counter() - t0

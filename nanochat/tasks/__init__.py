@@ -6,6 +6,8 @@
 
 Hub-backed tasks take `base_dir=` (default $NANOCHAT_BASE_DIR) and `mirror=` (default
 $NANOCHAT_HF_MIRROR, else the real hub); see `nanochat.tasks.hub`.
+SFT mixtures written as specs ("gsm8k:4", "jsonl:/path.jsonl") are built by
+`nanochat.tasks.mixture`.
 """
 from nanochat.tasks.arc import ARC
 from nanochat.tasks.common import Task, TaskMixture, TaskSequence, render_mc
