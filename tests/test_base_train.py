@@ -96,6 +96,9 @@ def test_cli_pipeline_train_eval_sample_save_then_base_loss(trained_tok_dir, tmp
     assert all(r["loss"] == r["loss"] for r in records if "loss" in r)  # finite, not NaN
     err = capsys.readouterr().err
     assert "val bpb" in err and "The capital of France is" in err and "tok/s" in err
+    # the MFU denominator was measured once and kept for every later stage of this base dir
+    peaks = json.loads((base / "peak_flops.json").read_text())
+    assert len(peaks) == 1 and list(peaks.values())[0] > 0
 
     rc = cli.main(["base-loss", "--split-tokens", "2048", "--device-batch-size", "4", "--max-tokens", "4",
                    "--device-type", "cpu", "--base-dir", str(base)])

@@ -41,10 +41,10 @@ class Config:
     device_batch_size: int = option(32, "sequences per device per micro-step (lower it if you run out of memory)")
     total_batch_size: int | None = option(None, "tokens per optimizer step across all devices (automatic: Power Lines rule)")
     # optimizer
-    embedding_lr: float = option(0.3, "AdamW learning rate of the token embedding")
-    unembedding_lr: float = option(0.008, "AdamW learning rate of lm_head")
-    matrix_lr: float = option(0.02, "Muon learning rate of the block matrices")
-    scalar_lr: float = option(0.5, "AdamW learning rate of the per-layer scalars")
+    embedding_lr: float = option(scaling.PEAK_LRS["embedding_lr"], "AdamW learning rate of the token embedding")
+    unembedding_lr: float = option(scaling.PEAK_LRS["unembedding_lr"], "AdamW learning rate of lm_head")
+    matrix_lr: float = option(scaling.PEAK_LRS["matrix_lr"], "Muon learning rate of the block matrices")
+    scalar_lr: float = option(scaling.PEAK_LRS["scalar_lr"], "AdamW learning rate of the per-layer scalars")
     weight_decay: float = option(0.28, "Muon's cautious weight decay at d12 (rescaled for other depths)")
     warmup_steps: int = option(40, "steps of linear LR warmup")
     warmdown_ratio: float = option(0.65, "fraction of the run spent in the final linear LR warmdown")
@@ -176,7 +176,7 @@ def run(config: Config, runtime: Runtime) -> dict:
 
     # measured (off GPUs) before the model, the optimizer and the loader thread exist:
     # on a quiet device, and its matrices are gone before training allocates
-    peak = peak_flops(device, runtime.dtype) * runtime.world_size
+    peak = peak_flops(device, runtime.dtype, cache_dir=runtime.base_dir) * runtime.world_size
     model = build_model(GPTConfig(**plan.model_config), device, runtime.dtype)
     if config.fp8:
         if device.type != "cuda":

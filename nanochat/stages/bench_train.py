@@ -222,7 +222,7 @@ def bench(config: Config, runtime: Runtime) -> dict:
     profile = _profile_table(train_model, optimizer, batches[0], step_runtime, loss_fn) if config.profile else None
 
     # measured after training, so its large matrices neither slow the steps nor raise the peak RSS above
-    peak = peak_flops(device, dtype)
+    peak = peak_flops(device, dtype, cache_dir=runtime.base_dir)
     counted = times[config.warmup_steps:]
     tokens_per_step = config.device_batch_size * config.max_seq_len
     flops_per_token = model.estimate_flops()

@@ -321,7 +321,7 @@ def run(config: Config, runtime: Runtime) -> dict:
     # Rough FLOPs per step: sampling costs about a forward (1/3 of forward+backward) per
     # token with the KV cache, training a forward+backward per token.
     flops_per_token = model.estimate_flops() if hasattr(model, "estimate_flops") else 0.0
-    logger = StepLogger(num_steps, 0, 0.0, peak_flops(device, runtime.dtype) * runtime.world_size, sink,
+    logger = StepLogger(num_steps, 0, 0.0, peak_flops(device, runtime.dtype, cache_dir=runtime.base_dir) * runtime.world_size, sink,
                         smooth_loss=smooth_loss, elapsed=train_time, warmup_steps_excluded=1,
                         show=("reward", "seq_len"))
 

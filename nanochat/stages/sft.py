@@ -52,10 +52,10 @@ INHERITED = {
     "max_seq_len": ("meta", 2048),
     "device_batch_size": ("meta", 32),
     "total_batch_size": ("meta", 524288),
-    "embedding_lr": ("user_config", 0.3),
-    "unembedding_lr": ("user_config", 0.008),
-    "matrix_lr": ("user_config", 0.02),
-    "scalar_lr": ("user_config", 0.5),
+    "embedding_lr": ("user_config", scaling.PEAK_LRS["embedding_lr"]),
+    "unembedding_lr": ("user_config", scaling.PEAK_LRS["unembedding_lr"]),
+    "matrix_lr": ("user_config", scaling.PEAK_LRS["matrix_lr"]),
+    "scalar_lr": ("user_config", scaling.PEAK_LRS["scalar_lr"]),
 }
 
 
@@ -406,7 +406,7 @@ def run(config: Config, runtime: Runtime) -> dict:
     user_config = to_dict(config)
     sink = make_sinks(runtime, ckpt_dir / "metrics.jsonl", config.run, user_config,
                       resume_step=step if resume_step is not None else None)
-    peak = peak_flops(device, runtime.dtype) * runtime.world_size
+    peak = peak_flops(device, runtime.dtype, cache_dir=runtime.base_dir) * runtime.world_size
     flops_per_token = model.estimate_flops()
     logger = StepLogger(estimated_total(step, loader.progress), total_batch_size, flops_per_token * total_batch_size,
                         peak, sink, smooth_loss=smooth_loss, elapsed=train_time, show=("epoch",))
