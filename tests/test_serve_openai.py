@@ -40,7 +40,7 @@ def test_completion_with_the_openai_client(client, live, tiny):
     resp = client.chat.completions.create(model="nanochat-tiny", messages=HI, max_tokens=16, seed=7)
     assert resp.object == "chat.completion" and resp.model == "nanochat-tiny" and resp.id.startswith("chatcmpl-")
     (choice,) = resp.choices
-    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str) and choice.message.content
     assert choice.finish_reason in ("stop", "length")
     # the system message is folded into the first user turn, as the tokenizer renders it
     expected = tok.render_for_completion({"messages": [*HI, {"role": "assistant", "content": ""}]})
@@ -57,7 +57,7 @@ def test_streamed_completion_equals_the_unstreamed_one(client):
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == whole.choices[0].message.content
+    assert text and text == whole.choices[0].message.content
     finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finals == [whole.choices[0].finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
@@ -67,14 +67,18 @@ def test_n_choices_share_one_prompt(client, live):
     before = len(live.spies[0].prompts)
     resp = client.chat.completions.create(model="m", messages=HI, n=3, max_tokens=8, temperature=0.0)
     assert [c.index for c in resp.choices] == [0, 1, 2]
-    assert len({c.message.content for c in resp.choices}) == 1  # greedy: all the same
+    contents = {c.message.content for c in resp.choices}
+    assert len(contents) == 1 and "" not in contents  # greedy: all the same
     assert len(live.spies[0].prompts) == before + 1  # one engine call, num_samples=3
     stream = list(client.chat.completions.create(model="m", messages=HI, n=2, max_tokens=6, stream=True, seed=3))
-    texts = {0: "", 1: ""}
+    texts: dict[int, str] = {}
+    finished: dict[int, str] = {}
     for c in stream:
         for ch in c.choices:
-            texts[ch.index] += ch.delta.content or ""
-    assert set(texts) == {0, 1}
+            texts[ch.index] = texts.get(ch.index, "") + (ch.delta.content or "")
+            if ch.finish_reason:
+                finished[ch.index] = ch.finish_reason
+    assert set(texts) == set(finished) == {0, 1} and all(texts.values()), (texts, finished)
 
 
 def test_stop_strings_cut_the_reply(client):
