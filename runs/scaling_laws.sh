@@ -24,90 +24,38 @@
 #   WANDB_RUN          prefix of wandb run names (default: none, no wandb)
 #   NANOCHAT_BASE_DIR  data, tokenizer, checkpoints (default: ~/.cache/nanochat)
 #   RESULTS_DIR        CSV and logs (default: $NANOCHAT_BASE_DIR/scaling_laws_<label>)
-#   NANOCHAT, TORCHRUN, PYTHON   the commands to run (default: nanochat, torchrun, python)
+#   NANOCHAT, TORCHRUN the commands to run (default: nanochat, torchrun)
 #
-# Rerunning the same label skips the (budget, depth) pairs already in its CSV.
+# Rerunning the same label skips the (budget, depth) pairs already in its CSV. The CSV is
+# read from the report sections (report/*.json) with jq; the shared steps are in
+# runs/lib/sweep.sh.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/sweep.sh"
 
 LABEL="${LABEL:-$(date +%b%d | tr '[:upper:]' '[:lower:]')}"
 read -r -a FLOPS <<< "${FLOPS:-1e18 2.15e18 4.64e18 1e19}"
 read -r -a DEPTHS <<< "${DEPTHS:-8 10 12 14 16 18 20}"
-NPROC="${NPROC:-8}"
 EVAL_TOKENS="${EVAL_TOKENS:-$((100 * 524288))}"
-CORE="${CORE:-1}"
-CORE_MAX_PER_TASK="${CORE_MAX_PER_TASK:-}"
-TRAIN_ARGS="${TRAIN_ARGS:-}"
-NANOCHAT="${NANOCHAT:-nanochat}"
-TORCHRUN="${TORCHRUN:-torchrun}"
-PYTHON="${PYTHON:-python}"
-export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+sweep_defaults
 RESULTS_DIR="${RESULTS_DIR:-$NANOCHAT_BASE_DIR/scaling_laws_${LABEL}}"
 CSV="$RESULTS_DIR/results.csv"
-
-log() { echo "[$(date '+%Y-%m-%d %H:%M:%S')] $*"; }
-
-launch() {
-    if [ "$NPROC" -gt 1 ]; then
-        "$TORCHRUN" --standalone --nproc_per_node="$NPROC" -m nanochat "$@"
-    else
-        $NANOCHAT "$@"
-    fi
-}
-
-# csv_fields <tag>: the CSV fields of a finished run, from the report sections base-train
-# and base-eval write (checked to belong to <tag>)
-csv_fields() {
-    "$PYTHON" - "$1" "$CORE" <<'PY'
-import json, os, sys
-tag, want_core = sys.argv[1], sys.argv[2] == "1"
-report = os.path.join(os.environ["NANOCHAT_BASE_DIR"], "report")
-train = json.load(open(os.path.join(report, "base-model-training.json")))["data"]
-if train["config"]["model_tag"] != tag:
-    sys.exit(f"report/base-model-training.json is for {train['config']['model_tag']}, not {tag}: did the run fail?")
-plan, m = train["plan"], train["metrics"]
-core = ""
-if want_core:
-    ev = json.load(open(os.path.join(report, "base-model-evaluation.json")))["data"]
-    if f" {tag} " not in f" {ev.get('model', '')} ":
-        sys.exit(f"report/base-model-evaluation.json is for {ev.get('model')!r}, not {tag}")
-    core = f"{ev['CORE metric']:.6f}"
-print(",".join(str(x) for x in (
-    plan["model_config"]["n_embd"], plan["num_params"], plan["num_scaling_params"], f"{plan['flops_per_token']:.6g}",
-    m["steps"], m["total_batch_size"], m["tokens"], f"{m['tokens'] / plan['num_scaling_params']:.2f}",
-    f"{m['val_bpb']:.6f}", core, f"{m['train_time_s']:.1f}")))
-PY
-}
-
-if [ ! -f "$NANOCHAT_BASE_DIR/tokenizer/tokenizer.pkl" ]; then
-    echo "no tokenizer in $NANOCHAT_BASE_DIR/tokenizer: run 'nanochat download' and 'nanochat tok-train' first" >&2
-    exit 2
-fi
-
-mkdir -p "$RESULTS_DIR"
-[ -f "$CSV" ] || echo "flops_budget,depth,model_dim,num_params,num_scaling_params,flops_per_token,num_iterations,total_batch_size,tokens_trained,param_data_ratio,val_bpb,core,train_time_s,wall_time_s" > "$CSV"
+SWEEP_FIELDS=(model_dim num_params num_scaling_params flops_per_token num_iterations total_batch_size
+              tokens_trained param_data_ratio val_bpb core train_time_s)
+sweep_require_jq
+sweep_require_tokenizer "run 'nanochat download' and 'nanochat tok-train' first"
+sweep_csv flops_budget,depth
 log "scaling laws $LABEL: budgets ${FLOPS[*]} × depths ${DEPTHS[*]} on $NPROC process(es) -> $CSV"
 
 for flops in "${FLOPS[@]}"; do
     for d in "${DEPTHS[@]}"; do
-        if grep -q "^${flops},${d}," "$CSV"; then
+        if sweep_has "$flops,$d"; then
             log "$flops FLOPs, d$d: already in $CSV, skipping"
             continue
         fi
         tag="scaling_${LABEL}_${flops}_d${d}"
-        log "$flops FLOPs, d$d: training $tag"
-        start=$(date +%s)
-        # shellcheck disable=SC2086  # TRAIN_ARGS is a list of flags
-        launch base-train --depth "$d" --target-flops "$flops" --model-tag "$tag" --eval-tokens "$EVAL_TOKENS" \
-            --core-metric-every 0 --sample-every 0 --save-every 0 ${DEVICE_BATCH:+--device-batch-size "$DEVICE_BATCH"} \
-            ${WANDB_RUN:+--run "${WANDB_RUN}_${tag}"} $TRAIN_ARGS 2>&1 | tee "$RESULTS_DIR/${tag}_train.log"
-        if [ "$CORE" = "1" ]; then
-            launch base-eval -g "$tag" --eval core ${CORE_MAX_PER_TASK:+--max-per-task "$CORE_MAX_PER_TASK"} \
-                2>&1 | tee "$RESULTS_DIR/${tag}_core.log"
-        fi
-        wall=$(( $(date +%s) - start ))
-        row="$flops,$d,$(csv_fields "$tag"),$wall"
-        echo "$row" >> "$CSV"
-        log "$flops FLOPs, d$d: $row"
+        sweep_run "$flops,$d" "$tag" "$flops FLOPs, d$d" "${WANDB_RUN:+${WANDB_RUN}_${tag}}" \
+            --depth "$d" --target-flops "$flops" --eval-tokens "$EVAL_TOKENS" \
+            ${DEVICE_BATCH:+--device-batch-size "$DEVICE_BATCH"}
     done
 done
 

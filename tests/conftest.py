@@ -1,5 +1,10 @@
 """Shared fixtures: the real data in ../shared/data, an isolated base dir, and a tiny
-tokenizer trained once per session on the real OpenStax shards."""
+tokenizer trained once per session on the real OpenStax shards.
+
+Markers (declared in pyproject.toml): `slow` marks the long tests (a stage run end to end
+through the CLI, a training or multi-process run, a live server), so that
+`pytest -m 'not slow'` is a quick loop while editing (under 2 minutes on 2 cores); the full
+suite runs them all. `gpu` tests need CUDA, `browser` tests Debian's chromium."""
 from __future__ import annotations
 
 import os

@@ -43,6 +43,7 @@ def checkpoint_base(tiny_base_checkpoint, tiny_tokenizer_dir, tmp_path_factory) 
     return base
 
 
+@pytest.mark.slow
 def test_cli_core_on_the_real_bundle(checkpoint_base, bundle, capsys):
     """All three evaluations: every available CORE task gets a score and squad and coqa
     are reported as missing; bits per byte on both splits; samples."""
@@ -55,6 +56,7 @@ def test_cli_core_on_the_real_bundle(checkpoint_base, bundle, capsys):
     assert (checkpoint_base / "eval_bundle" / "core.yaml").is_file()
     labels = [s.label for s in load_task_specs(bundle)]
     present = [label for label in labels if label not in MISSING]
+    assert len(present) == 20 and set(MISSING) <= set(labels)
 
     # the printed table
     lines = {line.split()[0]: line for line in out.out.splitlines() if line.strip()}

@@ -81,6 +81,7 @@ def test_config_validation_lists_problems():
     assert "at most one training horizon" in msg and "--depth" in msg and "window-pattern" in msg and "latest" in msg
 
 
+@pytest.mark.slow
 def test_cli_pipeline_train_eval_sample_save_then_base_loss(trained_tok_dir, tmp_path, capsys):
     base = _fresh_base(trained_tok_dir, tmp_path / "run")
     rc = cli.main(["base-train", *TOY, "--num-iterations", "4", "--eval-every", "2", "--sample-every", "2",
@@ -108,6 +109,7 @@ def test_cli_pipeline_train_eval_sample_save_then_base_loss(trained_tok_dir, tmp
     assert "train bpb" in captured.err and "val bpb" in captured.err
 
 
+@pytest.mark.slow
 def test_evaluation_stops_after_one_pass_of_a_small_val_split(trained_tok_dir, tmp_path, capsys):
     """--eval-tokens / --split-tokens far beyond the val shard evaluate one pass of it,
     instead of looping over the same tokens (base-train at the end, base-loss per split)."""
@@ -143,6 +145,7 @@ def test_evaluation_stops_after_one_pass_of_a_small_val_split(trained_tok_dir, t
     assert "val bpb" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(trained_tok_dir, tmp_path, monkeypatch):
     """6 steps straight vs 3 steps, restart from the step-3 checkpoint, 3 more: same losses
     and bit-identical weights (fp32 on the CPU)."""
@@ -168,6 +171,7 @@ def test_resume_equals_uninterrupted(trained_tok_dir, tmp_path, monkeypatch):
     assert latest["steps"] == 6
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_without_saving(trained_tok_dir, tmp_path):
     base = _fresh_base(trained_tok_dir, tmp_path / "run")
     rt = Runtime(device=torch.device("cpu"), dtype=torch.float32, base_dir=base)
@@ -193,6 +197,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(trained_tok_dir, tmp_path):
     """Data-parallel on 2 CPU processes (gloo) gives the same loss curve as one process with
     the same total batch. The two runs see different documents (each rank reads its own

@@ -48,6 +48,7 @@ def _check_run(r: dict, dtype: str, vocab: int) -> None:
     assert all(map(lambda v: v == v and abs(v) < 100, (r["first_loss"], r["last_loss"])))
 
 
+@pytest.mark.slow
 def test_bench_train_prints_table_and_consistent_json(capsys):
     assert cli.main(["bench-train", *TOY, "--vocab-size", "512", "--dtype", "float32", "--profile"]) == 0
     out = capsys.readouterr().out
@@ -59,6 +60,7 @@ def test_bench_train_prints_table_and_consistent_json(capsys):
     assert "profile" not in r  # the table is printed, not put in the JSON
 
 
+@pytest.mark.slow
 def test_compare_dtypes_runs_each_dtype_in_its_own_process(capsys):
     assert cli.main(["bench-train", *TOY, "--vocab-size", "256", "--compare-dtypes"]) == 0
     out = capsys.readouterr().out

@@ -41,6 +41,7 @@ def test_one_prompt_through_the_cli(tiny_base_checkpoint, capsys, monkeypatch):
     assert out == expected + ("" if expected.endswith("\n") else "\n")
 
 
+@pytest.mark.slow
 def test_interactive_session_through_a_pipe(tiny_base_checkpoint):
     script = "Hello there\n/clear\nWhat is energy?\n\n/help\nAnd heat?\n/quit\nthis line is never read\n"
     env = {k: v for k, v in os.environ.items() if k != "NANOCHAT_DTYPE"}

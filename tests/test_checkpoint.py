@@ -161,6 +161,7 @@ def test_interrupted_saves_leave_the_previous_checkpoint(tmp_path, monkeypatch):
     assert ckpt.find_last_step(d) == 40
 
 
+@pytest.mark.slow
 def test_a_killed_save_is_ignored(tmp_path):
     """A real process is SIGKILLed while writing step 2's model (no cleanup runs)."""
     d = tmp_path / "base_checkpoints" / "d2"
@@ -277,6 +278,7 @@ def _save_worker(rank: int, world: int, port: int, d: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_save_their_shards(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

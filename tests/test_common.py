@@ -37,6 +37,7 @@ def _probe(mode: str) -> tuple[float, float]:
     return at_free, at_release
 
 
+@pytest.mark.slow  # two fresh interpreters importing torch
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
 def test_tuned_malloc_keeps_freed_buffers_until_released():
     default_free, _ = _probe("default")

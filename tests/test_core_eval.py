@@ -99,7 +99,7 @@ def test_real_items_render_like_the_reference(bundle):
     assert shots_idx == [15, 4, 1, 3, 19, 13, 10, 17, 11, 2]
     prompts = ce.render_mc(items[0], arc.continuation_delimiter, [items[j] for j in shots_idx])
     first = items[15]
-    assert len(prompts) == 4
+    assert len(prompts) == len(items[0]["choices"]) == 4
     for prompt, choice in zip(prompts, items[0]["choices"]):
         assert prompt.startswith(f"{first['query']}\nAnswer: {first['choices'][first['gold']]}\n\n")
         assert prompt.endswith("Which statement is an inference?\nAnswer: " + choice)
@@ -192,6 +192,7 @@ def _unbatched_scores(model, rows):
 def test_batched_scores_match_unbatched_at_any_batch_size(bundle, tiny_tokenizer, tiny_model, label):
     spec = _spec(bundle, label)
     items = ce.load_task_items(bundle, spec, max_per_task=5)
+    assert len(items) == 5
     rows = ce.build_rows(items, range(len(items)), spec, tiny_tokenizer)
     oracle = _unbatched_scores(tiny_model, rows)
     bos = tiny_tokenizer.get_bos_token_id()
@@ -212,6 +213,7 @@ def test_models_with_a_context_limit_are_cropped(bundle, tiny_tokenizer, tiny_mo
     rows = ce.build_rows(items, range(3), spec, tiny_tokenizer, max_seq_len=64)
     assert rows and all(len(r.tokens) <= 64 and 1 <= r.start < r.end == len(r.tokens) for r in rows)
     full = ce.build_rows(items, range(3), spec, tiny_tokenizer)
+    assert len(rows) == len(full)
     assert all(c.tokens == f.tokens[-len(c.tokens):] for c, f in zip(rows, full))
     assert max(len(f.tokens) for f in full) > 64
     # our GPT has no position limit but its rotary tables; a GPT-2-like model declares one

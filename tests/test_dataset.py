@@ -103,11 +103,12 @@ def test_parquets_iter_batched_strides_row_groups(openstax, tmp_path):
         (data / shard.name).symlink_to(shard)
     train = [t for i in range(5) for t in _all_texts(openstax / ds.shard_name(i))]
     everything = [t for batch in ds.parquets_iter_batched("train", tmp_path) for t in batch]
-    assert everything == train
+    assert train and everything == train
     per_rank = [[t for b in ds.parquets_iter_batched("train", tmp_path, start=r, step=3) for t in b] for r in range(3)]
     assert sum(map(len, per_rank)) == len(train)
     assert sorted(t for r in per_rank for t in r) == sorted(train)
-    assert all(len(b) <= 128 for b in ds.parquets_iter_batched("val", tmp_path))
+    val_batches = list(ds.parquets_iter_batched("val", tmp_path))
+    assert val_batches and all(0 < len(b) <= 128 for b in val_batches)
     assert [t for b in ds.parquets_iter_batched("val", tmp_path) for t in b] == _all_texts(openstax / "shard_00005.parquet")
 
 

@@ -11,7 +11,9 @@ from httpserver import FileServer
 from nanochat.dataset import validate_shard
 from nanochat.downloads import DownloadError, download_file, download_many
 
-FAST = {"timeout": 0.5, "backoff": 0.01}   # quick retries for tests
+# quick retries; the read timeout is long enough that a loaded machine does not turn a
+# healthy loopback answer into a timeout (and an extra request the counts below would see)
+FAST = {"timeout": 2.0, "backoff": 0.01}
 
 
 @pytest.fixture
@@ -28,9 +30,10 @@ def test_retries_through_every_fault_and_ends_byte_identical(openstax, tmp_path)
     s0, s1, s5 = "/shard_00000.parquet", "/shard_00001.parquet", "/shard_00005.parquet"
     faults = {s0: ["500", "drop", "truncate", "slow", "corrupt"], s1: ["429", "503"], s5: ["truncate"]}
     out = tmp_path / "data"
-    with FileServer(openstax, faults, slow_seconds=1.5) as srv:
+    with FileServer(openstax, faults, slow_seconds=2 * FAST["timeout"]) as srv:  # "slow" outlasts the timeout
         results = download_many([(srv.url + p, out / p[1:]) for p in (s0, s1, s5)], max_workers=3,
                                 retries=5, validate=validate_shard, **FAST)
+        assert len(results) == 3
         assert srv.count(s0) == 6 and srv.count(s1) == 3 and srv.count(s5) == 2
     for p, r in zip((s0, s1, s5), results):
         assert r.fetched and r.path == out / p[1:]

@@ -49,8 +49,8 @@ def test_cached_greedy_decode_equals_uncached_forward(gpt):
     assert len(set(reference)) > 3  # a real continuation, not one token repeated
     # several rows from one prefill: every row is the same greedy continuation
     seqs, masks = engine.generate_batch(prompt, num_samples=3, max_tokens=8, temperature=0.0)
-    assert all(s == prompt + reference[:8] for s in seqs)
-    assert all(m == [0] * len(prompt) + [1] * 8 for m in masks)
+    assert seqs == [prompt + reference[:8]] * 3
+    assert masks == [[0] * len(prompt) + [1] * 8] * 3
     # and from a short prompt (the cache smaller than a window)
     reference = list(gpt.generate(PROMPT, max_tokens=12, temperature=0.0))
     assert [c[0] for c, _ in engine.generate(PROMPT, max_tokens=12, temperature=0.0)] == reference
@@ -71,7 +71,7 @@ def test_kv_cache_sized_and_typed_for_the_generation():
     assert [(c.batch_size, c.max_seq_len) for c in made] == [(1, len(PROMPT)), (4, len(PROMPT) + 5)]
     assert all(c.dtype == torch.bfloat16 for c in made)
     assert made[-1].get_pos() == len(PROMPT) + 5
-    assert all(len(s) == len(PROMPT) + 6 for s in seqs)
+    assert [len(s) for s in seqs] == [len(PROMPT) + 6] * 4
 
 
 # -----------------------------------------------------------------------------
@@ -218,8 +218,10 @@ def test_rows_end_independently_on_assistant_end_or_bos(tiny_tokenizer):
     seqs, _ = engine.generate_batch(prompt, num_samples=2, max_tokens=50, temperature=0.0)
     assert seqs == [prompt + body] * 2
     # a python block that never closes forces nothing
-    _, steps = _script_run(tok, prompt, [sp("<|python_start|>"), *tok.encode("1+1")] + [sp("<|assistant_end|>")])
-    assert all(m == [0] for _, m in steps)
+    unclosed = [sp("<|python_start|>"), *tok.encode("1+1")]
+    _, steps = _script_run(tok, prompt, unclosed + [sp("<|assistant_end|>")])
+    assert [col for col, _ in steps] == [[t] for t in unclosed + [sp("<|assistant_end|>")]]
+    assert [m for _, m in steps] == [[0]] * (len(unclosed) + 1)
 
 
 # -----------------------------------------------------------------------------

@@ -145,6 +145,7 @@ def test_missing_values_are_dashes_and_no_sections_is_fine(tmp_path):
     base = tmp_path / "nc"
     result = rp.generate_report(base, output=None)
     text = Path(result["report"]).read_text()
+    assert "CORE" in rp.SUMMARY_ROWS and "ChatCORE" in rp.SUMMARY_ROWS
     for row in rp.SUMMARY_ROWS:
         assert _table_row(text, row) == ["-", "-", "-"]
     log_section(base, "Base model training", {"metrics": {"core": 0.123, "val_bpb": None}})

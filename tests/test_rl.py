@@ -180,6 +180,7 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_rl_cli_end_to_end_with_resume_then_chat_eval(sft_base, shared_data, tmp_path, monkeypatch):
     from nanochat import training
     from nanochat.checkpoint import checkpoint_dir

@@ -389,6 +389,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_cli_serve_and_sigterm_shutdown(tiny_base_checkpoint):
     port = _free_port()
     env = {**os.environ, "NANOCHAT_API_KEY": "", "PYTHONUNBUFFERED": "1"}

@@ -309,6 +309,7 @@ TOY = ["-g", BASE_TAG, "--mixture", "identity:2", "mmlu-aux", "gsm8k@400", "spel
        "--eval-tokens", "1024", "--save-every", "2", "--device-type", "cpu"]
 
 
+@pytest.mark.slow
 def test_sft_cli_then_chat_eval_then_resume(sft_base, shared_data, mirror, tmp_path, monkeypatch, nanochat_log):
     from nanochat.checkpoint import checkpoint_dir
     from nanochat.report import read_sections

@@ -20,7 +20,9 @@ from nanochat.tokenizer import (SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, get_to
 def shard_docs(shared_data) -> list[str]:
     """Real documents from the first training shard."""
     path = shared_data / "pretrain_openstax" / "base_data" / "shard_00000.parquet"
-    return pq.ParquetFile(path).read_row_group(0, columns=["text"]).column("text").to_pylist()[:40]
+    docs = pq.ParquetFile(path).read_row_group(0, columns=["text"]).column("text").to_pylist()[:40]
+    assert len(docs) >= 10 and all(docs)  # the tests below index and loop over them
+    return docs
 
 
 def _random_text(rng: random.Random, n: int) -> str:
@@ -50,6 +52,7 @@ def _random_text(rng: random.Random, n: int) -> str:
 def test_round_trip_unicode(tiny_tokenizer, text):
     ids = tiny_tokenizer.encode(text)
     assert tiny_tokenizer.decode(ids) == text
+    assert bool(ids) == bool(text)  # only the empty text encodes to nothing
     assert all(0 <= i < tiny_tokenizer.get_vocab_size() for i in ids)
 
 
@@ -72,7 +75,8 @@ def test_split_pattern_groups_digits_in_pairs(tiny_tokenizer):
     assert regex.findall(SPLIT_PATTERN, "12345 abc") == ["12", "34", "5", " abc"]
     assert tiny_tokenizer.enc._pat_str == SPLIT_PATTERN
     pieces = [tiny_tokenizer.decode([i]) for i in tiny_tokenizer.encode("year 1987654")]
-    assert all(len(p.strip()) <= 2 for p in pieces if p.strip().isdigit())
+    digits = [p.strip() for p in pieces if p.strip().isdigit()]
+    assert "".join(digits) == "1987654" and all(len(d) <= 2 for d in digits)
 
 
 def test_batch_encode_equals_single(tiny_tokenizer, shard_docs):
