@@ -49,6 +49,8 @@ class Config:
     positions: tuple[int, ...] = option(help="context positions at which a batch-1 decode step is timed",
                                         factory=lambda: (64, 256, 1024))
     repeats: int = option(3, "repetitions of each measurement (the median is reported)")
+    temperature: float = option(1.0, "sampling temperature (0: greedy)")
+    top_k: int | None = option(None, "sample among the k most likely tokens (automatic: the whole vocabulary)")
     cast_weights: bool = option(True, "store the weights in the compute dtype once (as chat does) instead of "
                                       "casting the fp32 masters in every forward pass")
     seed: int = option(0, "seed for the random model and prompts")
@@ -60,6 +62,10 @@ class Config:
         for name in ("depth", "sequence_len", "prompt_len", "decode_tokens", "repeats"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.temperature < 0:
+            problems.append(f"--temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            problems.append(f"--top-k must be >= 1, got {self.top_k}")
         if self.threads is not None and self.threads < 1:
             problems.append(f"--threads must be >= 1, got {self.threads}")
         if self.vocab_size is not None and self.vocab_size < 2:
@@ -156,7 +162,8 @@ def _peak_memory_mb(device: torch.device) -> float:
 # -----------------------------------------------------------------------------
 # Measurements
 
-def time_generation(engine, prompt: list[int], batch: int, steps: int) -> tuple[float, list[float]]:
+def time_generation(engine, prompt: list[int], batch: int, steps: int, temperature: float = 1.0,
+                    top_k: int | None = None) -> tuple[float, list[float]]:
     """(seconds to the first token, seconds of each later decode step). The engine turns
     every step's tokens into a Python list, which synchronises the device, so wall-clock
     gaps between yields are device time."""
@@ -164,7 +171,8 @@ def time_generation(engine, prompt: list[int], batch: int, steps: int) -> tuple[
     _sync(device)
     t0 = time.perf_counter()
     stamps = []
-    for _ in engine.generate(prompt, num_samples=batch, max_tokens=steps + 1, temperature=1.0, seed=0):
+    for _ in engine.generate(prompt, num_samples=batch, max_tokens=steps + 1, temperature=temperature,
+                               top_k=top_k, seed=0):
         stamps.append(time.perf_counter())
     assert len(stamps) == steps + 1, "a row ended early: the benchmark engine must have no stop tokens"
     return stamps[0] - t0, [b - a for a, b in zip(stamps, stamps[1:])]
@@ -185,7 +193,8 @@ def bench_batches(engine, config: Config, vocab: int) -> list[dict]:
             torch.cuda.reset_peak_memory_stats(device)
         ttfts, steps = [], []
         for _ in range(config.repeats):
-            ttft, step_times = time_generation(engine, prompt, batch, config.decode_tokens)
+            ttft, step_times = time_generation(engine, prompt, batch, config.decode_tokens, config.temperature,
+                                               config.top_k)
             ttfts.append(ttft)
             steps.extend(step_times)
         step_s = statistics.median(steps)
@@ -211,7 +220,7 @@ def bench_positions(engine, config: Config, vocab: int) -> list[dict]:
         prompt = _random_prompt(vocab, position, config.seed + position)
         steps = []
         for _ in range(config.repeats):
-            steps.extend(time_generation(engine, prompt, 1, 8)[1])
+            steps.extend(time_generation(engine, prompt, 1, 8, config.temperature, config.top_k)[1])
         step_s = statistics.median(steps)
         rows.append({"position": position, "step_ms": 1e3 * step_s,
                      "kv_bytes_per_step": kv_bytes_read(model, 1, position + 4),
@@ -238,6 +247,7 @@ def render(metrics: dict) -> str:
              f"  weights read per decode step: {metrics['weight_bytes'] / mb:.1f} MiB",
              "",
              f"batch decode (prompt {metrics['prompt_len']} tokens, {metrics['decode_tokens']} steps, "
+             f"temperature {metrics['temperature']}, top-k {metrics['top_k'] or 'off'}, "
              f"median of {metrics['repeats']} runs)",
              _table(["batch", "TTFT ms", "ms/step", "tok/s", "ms/token", "peak MiB", "read MiB/step", "GB/s"],
                     [[str(r["batch"]), f"{r['ttft_ms']:.1f}", f"{r['step_ms']:.2f}", f"{r['tokens_per_s']:.0f}",
@@ -280,6 +290,7 @@ def _run(config: Config, runtime: Runtime) -> dict:
         "dtype": str(runtime.dtype).removeprefix("torch."), "device": device_name, "cast_weights": config.cast_weights,
         "torch_threads": torch.get_num_threads(), "weight_bytes": weight_bytes(model),
         "prompt_len": config.prompt_len, "decode_tokens": config.decode_tokens, "repeats": config.repeats,
+        "temperature": config.temperature, "top_k": config.top_k,
         "batches": bench_batches(engine, config, vocab),
         "positions": bench_positions(engine, config, vocab),
     }
