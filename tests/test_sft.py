@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from logcapture import capture_log
 from nanochat import cli
 from nanochat.sft_data import SFTLoader
 from nanochat.stages import sft
@@ -25,31 +25,10 @@ BASE_USER_CONFIG = {"depth": 2, "max_seq_len": 128, "device_batch_size": 4, "tot
                     "embedding_lr": 0.3, "unembedding_lr": 0.008, "matrix_lr": 0.02, "scalar_lr": 0.5}
 
 
-class _Records(logging.Handler):
-    """Collects the messages of the `nanochat.sft` logger (the CLI replaces the handlers of
-    `nanochat` and stops its propagation to the root, so pytest's caplog sees nothing)."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self.messages)
-
-
 @pytest.fixture
 def nanochat_log():
-    logger = logging.getLogger("nanochat.sft")
-    handler, level = _Records(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
+    with capture_log("nanochat.sft") as handler:
+        yield handler
 
 
 # -----------------------------------------------------------------------------

@@ -5,11 +5,11 @@ from __future__ import annotations
 import gc
 import io
 import json
-import logging
 
 import pytest
 import torch
 
+from logcapture import capture_log
 from nanochat import checkpoint as ckpt
 from nanochat.common import Runtime
 from nanochat.training import (MetricSink, NonFiniteLossError, StepLogger, find_resume_step, optimizer_step,
@@ -30,27 +30,10 @@ class _Sink(MetricSink):
         self.closed = True
 
 
-class _Messages(logging.Handler):
-    """The messages of `nanochat.training` (the CLI may have stopped `nanochat` from
-    propagating to the root logger, where caplog listens)."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 @pytest.fixture
 def training_log():
-    logger = logging.getLogger("nanochat.training")
-    handler, level = _Messages(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
+    with capture_log("nanochat.training") as handler:
+        yield handler
 
 
 def _setup(seed: int = 0):
