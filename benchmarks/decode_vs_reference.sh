@@ -27,7 +27,7 @@ SCRIPT=$(pwd)/benchmarks/reference_decode.py
 for round in $(seq "$ROUNDS"); do
     "$PY" -m nanochat bench-infer -i "$SOURCE" --batch-sizes "${BATCHES[@]}" --prompt-len "$PROMPT_LEN" \
         --decode-tokens "$DECODE_TOKENS" --top-k "$TOP_K" --temperature "$TEMPERATURE" --threads "$THREADS" \
-        --positions --repeats 3 --log-level WARNING | tail -1 >> "$OUT/ours.jsonl"
+        --positions 64 --repeats 3 --log-level WARNING | tail -1 >> "$OUT/ours.jsonl"
     (cd "$REF_TREE" && PYTHONPATH=. "$REF_PY" "$SCRIPT" --source "$SOURCE" --batch-sizes "${BATCHES[@]}" \
         --prompt-len "$PROMPT_LEN" --decode-tokens "$DECODE_TOKENS" --top-k "$TOP_K" \
         --temperature "$TEMPERATURE" --threads "$THREADS" 2>/dev/null | tail -1) >> "$OUT/reference.jsonl"

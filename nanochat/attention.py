@@ -113,8 +113,18 @@ def log_backend(device: torch.device, dtype: torch.dtype) -> bool:
     return use
 
 
+# (device, dtype, forced backend, FA3 lookup) -> use FA3: attend asks once per layer and token
+_decided: dict[tuple, bool] = {}
+
+
 def _use_fa3(q: Tensor) -> bool:
-    return log_backend(q.device, q.dtype)
+    if torch.compiler.is_compiling():
+        return log_backend(q.device, q.dtype)
+    key = (q.device, q.dtype, _backend, id(_fa3))
+    use = _decided.get(key)
+    if use is None:
+        use = _decided[key] = log_backend(q.device, q.dtype)
+    return use
 
 
 # -----------------------------------------------------------------------------
@@ -143,6 +153,7 @@ class KVCache:
         self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.pos = 0  # = cache_seqlens[0], kept as a Python int: reading the tensor costs a sync per layer
         self.prev_embedding: Tensor | None = None
 
     @property
@@ -151,11 +162,12 @@ class KVCache:
 
     def reset(self) -> None:
         self.cache_seqlens.zero_()
+        self.pos = 0
         self.prev_embedding = None
 
     def get_pos(self) -> int:
         """Number of positions already filled (the same for every row)."""
-        return int(self.cache_seqlens[0].item())
+        return self.pos
 
     def get_layer_cache(self, layer: int) -> tuple[Tensor, Tensor]:
         """(k, v) views of one layer, each (batch_size, seq_len, num_heads, head_dim)."""
@@ -163,6 +175,7 @@ class KVCache:
 
     def advance(self, num_tokens: int) -> None:
         self.cache_seqlens += num_tokens
+        self.pos += num_tokens
 
     def prefill(self, other: KVCache) -> None:
         """Copy a filled cache (usually batch 1, the prompt) into this empty one, repeating
@@ -180,6 +193,7 @@ class KVCache:
         self.k_cache[:, :, :pos] = other.k_cache[:, :, :pos]
         self.v_cache[:, :, :pos] = other.v_cache[:, :, :pos]
         self.cache_seqlens.fill_(pos)
+        self.pos = pos
         if other.prev_embedding is not None:
             self.prev_embedding = other.prev_embedding.expand(self.batch_size, -1, -1).clone()
 

@@ -143,8 +143,11 @@ class Linear(nn.Linear):
     precision (replacing autocast)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        # the dtype test skips a no-op .to() call: decoding one token runs dozens of
+        # matmuls whose per-call overhead is comparable to their arithmetic
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        bias = None if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
+        return F.linear(x, w, bias if bias is not None else self.bias)
 
 
 def has_value_embedding(layer: int, n_layer: int) -> bool:
@@ -185,12 +188,22 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # In eager mode the elementwise helpers below run hand-written kernels (row-blocked,
 # fewer temporaries, leaner backward; see nanochat/kernels/cpu.py for why and for
 # each one's reference formula). Under torch.compile they run that reference formula,
-# which the compiler fuses itself.
+# which the compiler fuses itself. So does inference on a few rows (a decode step):
+# there the kernels' per-call overhead outweighs the temporaries they save, and for
+# norm, residual_mix and the MLP the plain formula gives the same bits.
+
+def _small_inference(x: Tensor) -> bool:
+    return x.numel() <= cpu_kernels.SMALL_INFERENCE_ELEMENTS and not torch.is_grad_enabled()
+
+
+def _plain(x: Tensor) -> bool:
+    return torch.compiler.is_compiling() or _small_inference(x)
+
 
 def norm(x: Tensor, scale: float = 1.0) -> Tensor:
     """RMSNorm over the last dimension, no learnable gain, times `scale`; x's dtype.
     Bitwise equal to F.rms_norm(x) * scale on every path."""
-    if torch.compiler.is_compiling():
+    if _plain(x):
         y = F.rms_norm(x, (x.size(-1),))
         return y * scale if scale != 1.0 else y
     return cpu_kernels.rms_norm(x, scale)
@@ -205,7 +218,7 @@ def rope_norm(x: Tensor, cos: Tensor, sin: Tensor, scale: float) -> Tensor:
 
 def residual_mix(x: Tensor, x0: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """a * x + b * x0 (x0: the normalized embedding), the same numbers on every path."""
-    if torch.compiler.is_compiling():
+    if _plain(x):
         return torch.addcmul(x * a, x0, b)
     return cpu_kernels.residual_mix(x, x0, a, b)
 
@@ -253,8 +266,8 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.c_fc(x)  # (B, T, 4C)
-        if type(self.c_proj) is Linear:  # relu(h)^2 @ w^T, keeping only h for the backward
-            return cpu_kernels.relu_squared_proj(h, self.c_proj.weight)
+        if type(self.c_proj) is Linear and not _small_inference(h):
+            return cpu_kernels.relu_squared_proj(h, self.c_proj.weight)  # relu(h)^2 @ w^T, keeps only h
         return self.c_proj(F.relu(h).square())  # c_proj swapped (fp8): let the module run
 
 
@@ -362,7 +375,8 @@ class GPT(nn.Module):
         if prev is None:
             gate = lam * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_CHANNELS]))  # (B, T-1, 1)
             return torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
-        before = torch.cat([prev.to(x.dtype), x[:, :-1]], dim=1)
+        prev = prev if prev.dtype == x.dtype else prev.to(x.dtype)
+        before = prev if x.size(1) == 1 else torch.cat([prev, x[:, :-1]], dim=1)  # (B, T, C)
         return x + lam * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS])) * before
 
     def hidden_states(self, idx: Tensor, kv_cache: KVCache | None = None) -> Tensor:
@@ -401,7 +415,9 @@ class GPT(nn.Module):
     def logits(self, x: Tensor) -> Tensor:
         """Hidden states (..., C) -> softcapped fp32 logits (..., vocab_size)."""
         z = self.lm_head(x)[..., :self.config.vocab_size].float()
-        return LOGIT_SOFTCAP * torch.tanh(z / LOGIT_SOFTCAP)
+        if torch.is_grad_enabled():
+            return LOGIT_SOFTCAP * torch.tanh(z / LOGIT_SOFTCAP)
+        return z.div_(LOGIT_SOFTCAP).tanh_().mul_(LOGIT_SOFTCAP)  # the same ops, in place (z is a fresh tensor)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, kv_cache: KVCache | None = None,
                 loss_reduction: str = "mean") -> Tensor:

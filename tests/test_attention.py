@@ -123,8 +123,10 @@ def test_kv_cache_api_and_errors():
     torch.testing.assert_close(wide.prev_embedding[2], cache.prev_embedding[0])
     with pytest.raises(ValueError, match="empty cache"):
         wide.prefill(cache)
+    wide.advance(2)  # the position is kept as an int and in the tensor FA3 reads: the two agree
+    assert wide.get_pos() == 7 and wide.cache_seqlens.tolist() == [7, 7, 7]
     wide.reset()
-    assert wide.get_pos() == 0 and wide.prev_embedding is None
+    assert wide.get_pos() == 0 and wide.prev_embedding is None and wide.cache_seqlens.tolist() == [0, 0, 0]
     with pytest.raises(ValueError, match="shapes differ"):
         KVCache(3, 1, 12, 4, 3, "cpu", torch.float32).prefill(cache)
 
@@ -140,6 +142,7 @@ def test_backend_selection_on_cpu(caplog):
         set_backend("flash")
     q, k, v = qkv(T=8)
     attention._logged.clear()
+    attention._decided.clear()  # forget earlier decisions, so this one is made (and logged) here
     with caplog.at_level(logging.INFO, logger="nanochat.attention"):
         attend(q, k, v, -1)
         attend(q, k, v, -1)

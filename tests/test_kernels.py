@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nanochat import gpt
 from nanochat.gpt import LOGIT_SOFTCAP, apply_rotary, rotary_tables
 from nanochat.kernels import cpu
 
@@ -166,3 +167,33 @@ def test_head_loss_equals_full_cross_entropy_values_and_gradients():
     assert torch.isnan(cpu.head_loss(x, w, torch.full((N,), -1), V, LOGIT_SOFTCAP))  # as F.cross_entropy: 0 / 0
     with pytest.raises(ValueError, match="loss_reduction"):
         cpu.head_loss(x, w, targets, V, LOGIT_SOFTCAP, "max")
+
+
+# -----------------------------------------------------------------------------
+# Decode steps: the small-inference paths give the blocked kernels' bits
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [(1, 1), (16, 1), (3, 5)])
+def test_small_inference_paths_give_the_kernels_bits(monkeypatch, dtype, rows):
+    B, T = rows
+    g = torch.Generator().manual_seed(B * 10 + T)
+    x = (torch.randn(B, T, 4, 32, generator=g) * 3).to(dtype)
+    cos, sin = rotary_tables(64, 32, dtype)
+    cos, sin = cos[:, 7:7 + T], sin[:, 7:7 + T]
+    h = (torch.randn(B, T, 256, generator=g) * 2).to(dtype)
+    w = torch.randn(64, 256, generator=g) * 0.1
+    y, y0 = (torch.randn(B, T, 64, generator=g).to(dtype) for _ in range(2))
+    a, b = torch.tensor(1.13), torch.tensor(0.21)
+
+    def outputs():
+        mlp = gpt.MLP(gpt.GPTConfig(n_embd=64, n_head=2, n_kv_head=2))
+        mlp.c_proj.weight.data.copy_(w)
+        mlp.c_fc = torch.nn.Identity()  # feed h straight to the ReLU^2 projection
+        return (cpu.rope_norm(x, cos, sin, 1.2), gpt.norm(y, 1.0), gpt.residual_mix(y, y0, a, b), mlp(h))
+
+    with torch.inference_mode():
+        small = outputs()
+        monkeypatch.setattr(cpu, "SMALL_INFERENCE_ELEMENTS", 0)  # every input now takes the blocked kernels
+        blocked = outputs()
+    for got, want in zip(small, blocked):
+        assert got.dtype == want.dtype and torch.equal(got, want)

@@ -40,6 +40,9 @@ LOSS_CHUNK_ELEMENTS = 1 << 25
 # workspaces (2 x 1 MiB) stay in L2 cache between passes (measured at d4, vocab 32768:
 # 2^18 beats 2^17 and 2^19).
 LOSS_PIECE_ELEMENTS = 1 << 18
+# inference inputs up to this size (a decode step) skip the blocking: one block, fewest ops,
+# where the per-call overhead of the blocked versions exceeds the arithmetic
+SMALL_INFERENCE_ELEMENTS = 1 << 16
 # exp(z) of capped logits |z| <= softcap cannot overflow fp32 (nor underflow to a zero
 # sum) below this cap, so the log-sum-exp needs no max subtraction (one pass fewer).
 _SHIFT_FREE_SOFTCAP = 30.0
@@ -210,7 +213,18 @@ def rope_norm(x: Tensor, cos: Tensor, sin: Tensor, scale: float) -> Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         return _RopeNormFn.apply(x, cos, sin, scale)
     acc = _acc_dtype(x.dtype)
+    if x.numel() <= SMALL_INFERENCE_ELEMENTS:
+        return _rope_norm_small(x, cos.to(acc), sin.to(acc), scale)
     return _rope_norm_rows(x, cos.to(acc), sin.to(acc), scale)[0]
+
+
+def _rope_norm_small(x: Tensor, cos: Tensor, sin: Tensor, scale: float) -> Tensor:
+    """rope_norm's inference path for a few rows (a decode step), where the blocked
+    version's Python and per-op overhead (~150 us a call) exceeds its arithmetic: the
+    same rotation, then F.rms_norm, which rounds like `_rms_forward_into` (tested bitwise)."""
+    r = _rotate(x.to(cos.dtype), cos, sin, 1.0)
+    y = F.rms_norm(r, (r.size(-1),)).to(x.dtype)
+    return y.mul_(scale) if scale != 1.0 else y
 
 
 # -----------------------------------------------------------------------------
