@@ -397,3 +397,20 @@ def test_polar_express_matmuls_follow_the_runtime_dtype(monkeypatch, env_dtype, 
     assert seen and set(seen) == {expected}
     # an explicit choice still wins (the reference's bf16 everywhere, one argument away)
     assert model.setup_optimizer(ns_dtype=torch.bfloat16).ns_dtype == torch.bfloat16
+
+
+def test_reference_muon_dtype_is_one_variable_away(monkeypatch):
+    """NANOCHAT_MUON_DTYPE=bfloat16 restores the reference's bf16 Polar Express on an fp32 runtime."""
+    gpt = pytest.importorskip("nanochat.gpt")
+    from nanochat.common import build_runtime
+
+    monkeypatch.setenv("NANOCHAT_DTYPE", "float32")
+    monkeypatch.setenv("NANOCHAT_MUON_DTYPE", "bfloat16")
+    runtime = build_runtime("cpu")
+    assert runtime.dtype == torch.float32 and runtime.muon_dtype == torch.bfloat16
+    config = gpt.GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    model = gpt.build_model(config, runtime.device, runtime.dtype)
+    assert model.setup_optimizer(ns_dtype=runtime.muon_dtype).ns_dtype == torch.bfloat16
+    monkeypatch.setenv("NANOCHAT_MUON_DTYPE", "fp8")
+    with pytest.raises(ValueError, match="NANOCHAT_MUON_DTYPE='fp8' is not one of"):
+        build_runtime("cpu")

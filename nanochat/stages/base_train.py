@@ -186,7 +186,7 @@ def run(config: Config, runtime: Runtime) -> dict:
     optimizer = model.setup_optimizer(
         unembedding_lr=config.unembedding_lr * plan.lr_scale, embedding_lr=config.embedding_lr * plan.lr_scale,
         matrix_lr=config.matrix_lr * plan.lr_scale, scalar_lr=config.scalar_lr * plan.lr_scale,
-        weight_decay=plan.weight_decay)
+        weight_decay=plan.weight_decay, ns_dtype=runtime.muon_dtype)
 
     # --- resume ---------------------------------------------------------------
     resume_step = find_resume_step(ckpt_dir, config.resume_from_step, config.resume)

@@ -195,7 +195,8 @@ def bench(config: Config, runtime: Runtime) -> dict:
     # base-train's learning rates at this batch size (timing does not depend on them, but
     # the loss then stays finite however many steps are run)
     lr_scale = batch_lr_scale(config.device_batch_size * config.max_seq_len)
-    optimizer = model.setup_optimizer(**{name: lr * lr_scale for name, lr in PEAK_LRS.items()})
+    optimizer = model.setup_optimizer(**{name: lr * lr_scale for name, lr in PEAK_LRS.items()},
+                                      ns_dtype=runtime.muon_dtype)
     use_compile = config.compile if config.compile is not None else device.type == "cuda"
     train_model = torch.compile(model, dynamic=False) if use_compile else model
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None

@@ -288,7 +288,8 @@ def run(config: Config, runtime: Runtime) -> dict:
     rank_indices = list(range(runtime.rank, len(train_task), runtime.world_size))
 
     optimizer = model.setup_optimizer(unembedding_lr=config.unembedding_lr, embedding_lr=config.embedding_lr,
-                                      matrix_lr=config.matrix_lr, weight_decay=config.weight_decay)
+                                      matrix_lr=config.matrix_lr, weight_decay=config.weight_decay,
+                                      ns_dtype=runtime.muon_dtype)
     for group in optimizer.param_groups:
         group["lr"] *= config.init_lr_frac
         group["initial_lr"] = group["lr"]

@@ -358,7 +358,7 @@ def run(config: Config, runtime: Runtime) -> dict:
     optimizer = model.setup_optimizer(
         unembedding_lr=hp["unembedding_lr"] * lr_scale, embedding_lr=hp["embedding_lr"] * lr_scale,
         matrix_lr=hp["matrix_lr"] * lr_scale, scalar_lr=hp["scalar_lr"] * lr_scale,
-        weight_decay=0.0)  # pretraining decays weight decay to zero; SFT continues without it
+        weight_decay=0.0, ns_dtype=runtime.muon_dtype)  # pretraining decays weight decay to zero; SFT continues without it
     log.info("LR scale %.4f for batch %s (as in pretraining) × init-lr-frac %.3f; grad accumulation %d",
              lr_scale, f"{total_batch_size:,}", config.init_lr_frac, grad_accum)
     for group in optimizer.param_groups:
