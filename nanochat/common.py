@@ -426,7 +426,9 @@ def peak_flops(device: torch.device, dtype: torch.dtype, cache_dir: str | os.Pat
             return float(table[key])
     if not isinstance(table, dict):
         table = {}
-    value = measure_peak_matmul_flops(device, dtype)
+    # measured once per machine, so it can afford a longer probe than the 1.2 s default: a
+    # short one on a busy machine read 20% low, and a low peak would inflate every MFU after it
+    value = measure_peak_matmul_flops(device, dtype, trials=5, budget_seconds=4.0)
     table[key] = value
     with contextlib.suppress(OSError):  # a read-only base dir only loses the cache
         path.parent.mkdir(parents=True, exist_ok=True)

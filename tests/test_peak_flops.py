@@ -31,7 +31,7 @@ def test_measured_peak_is_cached_in_the_base_dir(tmp_path, monkeypatch):
 def test_each_dtype_and_thread_count_has_its_own_figure(tmp_path, monkeypatch):
     cpu = torch.device("cpu")
     figures = iter([1.5e11, 2.5e11, 0.8e11])
-    monkeypatch.setattr(common, "measure_peak_matmul_flops", lambda device, dtype: next(figures))
+    monkeypatch.setattr(common, "measure_peak_matmul_flops", lambda device, dtype, **probe: next(figures))
     assert common.peak_flops(cpu, torch.float32, cache_dir=tmp_path) == 1.5e11
     assert common.peak_flops(cpu, torch.bfloat16, cache_dir=tmp_path) == 2.5e11
     threads = torch.get_num_threads()
@@ -47,7 +47,7 @@ def test_each_dtype_and_thread_count_has_its_own_figure(tmp_path, monkeypatch):
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"x": "y"}'])
 def test_a_damaged_cache_is_measured_again_and_rewritten(tmp_path, monkeypatch, content):
     (tmp_path / common.PEAK_FLOPS_CACHE).write_text(content)
-    monkeypatch.setattr(common, "measure_peak_matmul_flops", lambda device, dtype: 3.0e11)
+    monkeypatch.setattr(common, "measure_peak_matmul_flops", lambda device, dtype, **probe: 3.0e11)
     assert common.peak_flops(torch.device("cpu"), torch.float32, cache_dir=tmp_path) == 3.0e11
     table = json.loads((tmp_path / common.PEAK_FLOPS_CACHE).read_text())
     assert 3.0e11 in table.values()
