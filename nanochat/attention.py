@@ -5,8 +5,10 @@ One entry point, `attend(q, k, v, window, kv_cache, layer, masks)`, used by ever
 of the model for training, prefill and decoding. It runs
 
 - Flash Attention 3 (Shah et al. 2024, https://arxiv.org/abs/2407.08608) when the
-  tensors are bf16 on a Hopper GPU (SM90) and the kernel loads through the `kernels`
-  package from the Hugging Face hub (the same build the reference uses);
+  tensors are bf16 on a CUDA GPU it has a build for, loaded through the `kernels` package
+  (the `gpu` extra) from the Hugging Face hub: the Hopper build the reference uses on SM90,
+  the community build on Ampere and Ada (SM80-89), none from SM100 on (Blackwell, RTX 50xx:
+  a build that "loads" there fails at its first kernel), see `fa3_kernel_for`;
 - PyTorch's `scaled_dot_product_attention` (SDPA) everywhere else: CPU, MPS, other GPUs,
   fp32/fp16.
 
@@ -65,19 +67,39 @@ def _load_fa3() -> tuple[Any, str]:
     return _fa3
 
 
+FA3_HOPPER_KERNEL = "varunneal/flash-attention-3"    # sm90, the build the reference uses
+FA3_COMMUNITY_KERNEL = "kernels-community/flash-attn3"  # sm80-sm89 (Ampere, Ada)
+
+
+def fa3_kernel_for(capability: tuple[int, int]) -> tuple[str | None, str]:
+    """(hub repository of the FA3 build for this compute capability or None, why)."""
+    major, minor = capability
+    if major == 9:
+        return FA3_HOPPER_KERNEL, f"SM{major}{minor} (Hopper): the Hopper FA3 build"
+    if major == 8:
+        return FA3_COMMUNITY_KERNEL, f"SM{major}{minor} (Ampere/Ada): the community FA3 build"
+    if major >= 10:
+        return None, f"SM{major}{minor}: no FA3 build runs there yet (one that loads fails at its first kernel)"
+    return None, f"SM{major}{minor} predates FA3 (Ampere SM80 or newer needed)"
+
+
 def _lookup_fa3() -> tuple[Any, str]:
     if not torch.cuda.is_available():
         return None, "no CUDA device"
-    major, minor = torch.cuda.get_device_capability()
-    if major != 9:
-        # the hub build is compiled for sm90 only; Ada and Blackwell use SDPA
-        return None, f"GPU is SM{major}{minor}, the FA3 kernels are built for Hopper (SM90) only"
+    repo, why = fa3_kernel_for(torch.cuda.get_device_capability())
+    if repo is None:
+        return None, why
     try:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         from kernels import get_kernel
-        return get_kernel("varunneal/flash-attention-3").flash_attn_interface, "loaded"
-    except Exception as e:  # missing package, no network, ABI mismatch: all mean "use SDPA"
-        return None, f"could not load FA3 through the `kernels` package ({type(e).__name__}: {e})"
+        module = get_kernel(repo)
+        # the Hopper build nests its API one level down; the community build exposes it directly
+        return getattr(module, "flash_attn_interface", module), f"loaded {repo} ({why})"
+    except ImportError:
+        return None, (f"{why}, but the `kernels` package is not installed (pip install 'nanochat[gpu]'; "
+                      "runs/speedrun.sh does)")
+    except Exception as e:  # no network, ABI mismatch: both mean "use SDPA"
+        return None, f"could not load {repo} through the `kernels` package ({type(e).__name__}: {e})"
 
 
 def fa3_available() -> bool:
@@ -101,7 +123,7 @@ def select_backend(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]
         return False, f"attention: PyTorch SDPA ({reason})"
     if dtype != torch.bfloat16:
         return False, f"attention: PyTorch SDPA (FA3 runs bf16 only, compute dtype is {dtype})"
-    return True, "attention: Flash Attention 3"
+    return True, f"attention: Flash Attention 3 ({reason})"
 
 
 def log_backend(device: torch.device, dtype: torch.dtype) -> bool:

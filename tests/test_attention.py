@@ -171,3 +171,42 @@ def test_fa3_matches_sdpa_on_gpu():
         outputs[backend] = (train, torch.cat(steps, dim=1))
     for a, b in zip(outputs["fa3"], outputs["sdpa"]):
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("capability, repo", [((9, 0), attention.FA3_HOPPER_KERNEL),
+                                              ((8, 0), attention.FA3_COMMUNITY_KERNEL),
+                                              ((8, 9), attention.FA3_COMMUNITY_KERNEL),
+                                              ((10, 0), None), ((12, 0), None), ((7, 5), None)])
+def test_fa3_build_chosen_per_compute_capability(monkeypatch, capability, repo):
+    """Which FA3 build loads where, with the `kernels` package and the GPU faked: the
+    lookup asks for exactly the chosen build, or for none, and says why."""
+    import sys
+    import types
+
+    asked = []
+
+    class Interface:
+        @staticmethod
+        def flash_attn_func(*args, **kwargs):
+            raise AssertionError("not called in this test")
+
+    def get_kernel(name):
+        asked.append(name)
+        # the Hopper build nests the API in flash_attn_interface; the community one does not
+        return types.SimpleNamespace(flash_attn_interface=Interface) if name == attention.FA3_HOPPER_KERNEL else Interface
+
+    monkeypatch.setitem(sys.modules, "kernels", types.SimpleNamespace(get_kernel=get_kernel))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    module, why = attention._lookup_fa3()
+    assert asked == ([repo] if repo else [])
+    assert (module is Interface) == (repo is not None)
+    assert f"SM{capability[0]}{capability[1]}" in why
+    if repo:
+        assert why.startswith(f"loaded {repo}")
+
+    monkeypatch.setitem(sys.modules, "kernels", None)  # the package is not installed: import fails
+    module, why = attention._lookup_fa3()
+    assert module is None
+    if repo:
+        assert "pip install 'nanochat[gpu]'" in why
