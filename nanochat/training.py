@@ -57,6 +57,15 @@ def _all_reduce_mean(t: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     return t
 
 
+def make_grad_scaler(runtime: Runtime) -> torch.amp.GradScaler | None:
+    """A loss scaler for fp16 compute (its 5 exponent bits underflow small gradients), None
+    for bf16/fp32. Built for the runtime's device: a GradScaler made without one targets
+    CUDA and silently disables itself elsewhere, so fp16 on a CPU trained unscaled."""
+    if runtime.dtype != torch.float16:
+        return None
+    return torch.amp.GradScaler(runtime.device.type)
+
+
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    micro_batches: Iterable[Any], loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
                    runtime: Runtime, *, num_micro_steps: int,

@@ -3,6 +3,7 @@ on a tiny linear model with real checkpoints on disk."""
 from __future__ import annotations
 
 import gc
+import math
 import io
 import json
 
@@ -12,8 +13,8 @@ import torch
 from logcapture import capture_log
 from nanochat import checkpoint as ckpt
 from nanochat.common import Runtime
-from nanochat.training import (MetricSink, NonFiniteLossError, StepLogger, find_resume_step, optimizer_step,
-                               restore_checkpoint, train_loop)
+from nanochat.training import (MetricSink, NonFiniteLossError, StepLogger, find_resume_step, make_grad_scaler,
+                               optimizer_step, restore_checkpoint, train_loop)
 
 MODEL_CONFIG = {"n_in": 4, "n_out": 3}
 
@@ -135,3 +136,26 @@ def test_find_resume_step_and_restore_errors(tmp_path):
     with pytest.raises(ValueError, match=r"in .* has \{'n_in': 4, 'n_out': 3\}, not \{'n_in': 5\}"):
         restore_checkpoint(tmp_path, 2, model, optimizer, runtime, model_config={"n_in": 5},
                            mismatch="the checkpoint in {ckpt_dir} has {saved}, not {expected}")
+
+
+def test_fp16_trains_with_a_working_loss_scaler_on_the_cpu():
+    """The scaler is built for the runtime's device: on the CPU it scales (a CUDA-default
+    GradScaler disables itself there), unscales before the step, and a GPT computing in
+    fp16 learns a batch."""
+    from nanochat.gpt import GPTConfig, build_model
+
+    rt = Runtime(device=torch.device("cpu"), dtype=torch.float16)
+    scaler = make_grad_scaler(rt)
+    assert scaler is not None and scaler.is_enabled() and scaler.get_scale() > 1
+    assert make_grad_scaler(Runtime(device=torch.device("cpu"), dtype=torch.bfloat16)) is None
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=32, vocab_size=128, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="L")
+    model = build_model(config, rt.device, rt.dtype)
+    optimizer = model.setup_optimizer()
+    seq = torch.randint(0, 128, (4, 33), generator=torch.Generator().manual_seed(1))
+    batch = (seq[:, :-1], seq[:, 1:])
+    losses = [optimizer_step(model, optimizer, iter([batch]), lambda m, b: m(*b), rt, num_micro_steps=1,
+                             scaler=scaler) for _ in range(12)]
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert scaler.get_scale() > 1

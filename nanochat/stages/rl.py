@@ -35,8 +35,8 @@ import torch.distributed as dist
 
 from nanochat.common import Runtime, peak_flops
 from nanochat.config import check, option, to_dict
-from nanochat.training import (StepLogger, Timer, apply_schedule, find_resume_step, make_sinks, optimizer_step,
-                               peak_memory_bytes, restore_checkpoint, train_loop)
+from nanochat.training import (StepLogger, Timer, apply_schedule, find_resume_step, make_grad_scaler, make_sinks,
+                               optimizer_step, peak_memory_bytes, restore_checkpoint, train_loop)
 
 log = logging.getLogger("nanochat.rl")
 
@@ -311,7 +311,7 @@ def run(config: Config, runtime: Runtime) -> dict:
             raise ValueError(f"the checkpoint is at step {step}, past the run's {num_steps} steps; raise --num-steps")
 
     engine = Engine(model, tokenizer)
-    scaler = torch.amp.GradScaler() if runtime.dtype == torch.float16 else None
+    scaler = make_grad_scaler(runtime)
     log.info("RL on GSM8K: %d steps × %d questions × %d samples (%d per rank, %d micro-steps each); "
              "source sft/%s step %s -> %s", num_steps, config.examples_per_step, config.num_samples,
              examples_per_rank, examples_per_rank * passes_per_example, out_tag, source_meta.get("step"), ckpt_dir)

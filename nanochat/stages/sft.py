@@ -41,8 +41,8 @@ from nanochat.common import Runtime, peak_flops
 from nanochat.config import check, option, to_dict
 from nanochat.tasks.mixture import (DEFAULT_GSM8K_EPOCHS, DEFAULT_MMLU_EPOCHS, build_mixture, default_mixture,
                                     default_val_mixture, parse_mixture)
-from nanochat.training import (StepLogger, Timer, apply_schedule, find_resume_step, make_sinks, optimizer_step,
-                               peak_memory_bytes, restore_checkpoint, train_loop)
+from nanochat.training import (StepLogger, Timer, apply_schedule, find_resume_step, make_grad_scaler, make_sinks,
+                               optimizer_step, peak_memory_bytes, restore_checkpoint, train_loop)
 
 log = logging.getLogger("nanochat.sft")
 
@@ -383,7 +383,7 @@ def run(config: Config, runtime: Runtime) -> dict:
     train_model = model
     if config.compile if config.compile is not None else device.type == "cuda":
         train_model = torch.compile(model, dynamic=False)  # rows are always (B, T): no recompiles
-    scaler = torch.amp.GradScaler() if runtime.dtype == torch.float16 else None
+    scaler = make_grad_scaler(runtime)
 
     loader = SFTLoader(train_set, tokenizer, B, T, device=device, rank=runtime.rank,
                        world_size=runtime.world_size, state=loader_state)
