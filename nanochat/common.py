@@ -402,6 +402,26 @@ def device_description(device: torch.device) -> str:
     return device.type
 
 
+def _cached_peak(cache_dir: str | os.PathLike | None, filename: str, key: str, measure) -> float:
+    """measure() once per key, kept in `cache_dir/filename` (JSON) when cache_dir is given."""
+    if cache_dir is None:
+        return measure()
+    import json
+    path = Path(cache_dir) / filename
+    table: dict = {}
+    with contextlib.suppress(OSError, ValueError):
+        table = json.loads(path.read_text())
+        if isinstance(table, dict) and isinstance(table.get(key), (int, float)) and table[key] > 0:
+            return float(table[key])
+    if not isinstance(table, dict):
+        table = {}
+    table[key] = value = measure()
+    with contextlib.suppress(OSError):  # a read-only base dir only loses the cache
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(table, indent=1, sort_keys=True) + "\n")
+    return value
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype, cache_dir: str | os.PathLike | None = None) -> float:
     """Peak FLOP/s for MFU: the datasheet figure on known GPUs, else measured.
 
@@ -416,24 +436,53 @@ def peak_flops(device: torch.device, dtype: torch.dtype, cache_dir: str | os.Pat
             return known
     if cache_dir is None:
         return measure_peak_matmul_flops(device, dtype)
-    import json
-    path = Path(cache_dir) / PEAK_FLOPS_CACHE
     key = f"{device_description(device)} | {str(dtype).removeprefix('torch.')} | torch {torch.__version__}"
-    table: dict = {}
-    with contextlib.suppress(OSError, ValueError):
-        table = json.loads(path.read_text())
-        if isinstance(table, dict) and isinstance(table.get(key), (int, float)) and table[key] > 0:
-            return float(table[key])
-    if not isinstance(table, dict):
-        table = {}
     # measured once per machine, so it can afford a longer probe than the 1.2 s default: a
     # short one on a busy machine read 20% low, and a low peak would inflate every MFU after it
-    value = measure_peak_matmul_flops(device, dtype, trials=5, budget_seconds=4.0)
-    table[key] = value
-    with contextlib.suppress(OSError):  # a read-only base dir only loses the cache
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(table, indent=1, sort_keys=True) + "\n")
-    return value
+    return _cached_peak(cache_dir, PEAK_FLOPS_CACHE, key,
+                        lambda: measure_peak_matmul_flops(device, dtype, trials=5, budget_seconds=4.0))
+
+
+# memory bandwidth (bytes/s) of common accelerators, for memory-bandwidth utilisation
+_GPU_PEAK_BANDWIDTH = (
+    (("gb200",), 8.0e12), (("b200",), 8.0e12), (("h200",), 4.8e12), (("h100", "nvl"), 3.9e12),
+    (("h100", "pcie"), 2.0e12), (("h100",), 3.35e12), (("h800",), 3.35e12), (("a100", "80gb"), 2.039e12),
+    (("a100",), 1.555e12), (("a40",), 0.696e12), (("a30",), 0.933e12), (("l40s",), 0.864e12),
+    (("l4",), 0.3e12), (("mi300x",), 5.3e12), (("5090",), 1.792e12), (("4090",), 1.008e12),
+    (("3090",), 0.936e12),
+)
+PEAK_BANDWIDTH_CACHE = "peak_bandwidth.json"
+
+
+def measure_memory_bandwidth(device: torch.device, nbytes: int = 256 << 20, trials: int = 5) -> float:
+    """Bytes/s of a large tensor copy (read + write, far beyond the caches), best of `trials`."""
+    import time
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch of both buffers
+    best = 0.0
+    for _ in range(trials):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = max(best, 2 * nbytes / (time.perf_counter() - t0))
+    del src, dst
+    if device.type == "cpu":
+        release_free_memory()
+    return best
+
+
+def peak_bandwidth(device: torch.device, cache_dir: str | os.PathLike | None = None) -> float:
+    """Memory bandwidth for MBU: the datasheet figure on known GPUs, else measured once
+    (cached in `peak_bandwidth.json` under cache_dir, like peak_flops)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        for patterns, value in _GPU_PEAK_BANDWIDTH:
+            if all(p in name for p in patterns):
+                return value
+    key = f"{device_description(device)} | torch {torch.__version__}"
+    return _cached_peak(cache_dir, PEAK_BANDWIDTH_CACHE, key, lambda: measure_memory_bandwidth(device))
 
 
 def _sync(device: torch.device) -> None:

@@ -252,5 +252,17 @@ def test_bench_infer_smoke(tmp_path, capsys):
     per_position = 2 * model.config.n_kv_head * model.config.head_dim * 4
     assert bench_infer.kv_bytes_read(model, 1, 100) == (101 + 101) * per_position
     assert bench_infer.kv_bytes_read(model, 2, 300) == 2 * (129 + 301) * per_position
+    # decode FLOPs: 2 per matmul weight (not the embedding tables) + attention over the read keys
+    c = model.config
+    matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "wte" not in n
+                 and "value_embeds" not in n)
+    assert bench_infer.decode_flops(model, 300) == 2 * matmul + 4 * c.n_head * c.head_dim * (129 + 301)
+    # utilisation against one peak per limit, cached in the base dir like the MFU peak
+    assert metrics["peak_flops"] > 0 and metrics["peak_bandwidth"] > 0
+    assert (tmp_path / "peak_bandwidth.json").exists() and (tmp_path / "peak_flops.json").exists()
+    for r in metrics["batches"]:
+        assert r["mbu"] == pytest.approx(100 * r["bytes_per_step"] / (r["step_ms"] / 1e3) / metrics["peak_bandwidth"])
+        assert 0 < r["mfu"] < 100 and 0 < r["mbu"]
+    assert "MBU %" in "\n".join(lines) and "TPOT" in "\n".join(lines)
     with pytest.raises(ValueError):
         bench_infer.Config(random_init=True, source="sft").validate()

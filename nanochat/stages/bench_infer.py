@@ -9,7 +9,9 @@ machine), as served; with no stop tokens, so every step runs. For each batch siz
 to first token (prefill of the prompt at batch 1, cache copy, first sample), decode
 latency per step and tokens/s, and peak memory. Decoding one token is memory-bound: every
 step reads all the weights plus the cached keys/values that attention looks at, so the
-table also gives those bytes and the bandwidth they imply. A last table shows the decode
+table also gives those bytes, the bandwidth they imply and its share of the device's
+(MBU: datasheet on known GPUs, else a measured copy rate, cached in the base dir), next to
+MFU (decode FLOPs per token against the same peak as training's MFU). A last table shows the decode
 step at growing context positions: with sliding windows the "S" layers read at most
 window + 1 keys, so the cost per token grows only through the full-window layers.
 Prints readable tables, then one JSON line with every number.
@@ -138,6 +140,17 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in tables)
 
 
+def decode_flops(model: torch.nn.Module, position: int) -> int:
+    """FLOPs to decode one token at `position`: 2 per matmul weight (the embedding tables
+    are lookups) plus, per layer, 4 * heads * head_dim per attended key (q.k and the
+    weighted sum of v), over min(position, window) + 1 keys."""
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    matmul = sum(p.numel() for p in model.parameters() if id(p) not in tables and p.dim() == 2)
+    c = model.config
+    attention = sum(4 * c.n_head * c.head_dim * (min(position, w) + 1) for w in model.window_sizes)
+    return 2 * matmul + attention
+
+
 def kv_bytes_read(model: torch.nn.Module, batch: int, position: int) -> int:
     """Bytes of cached keys and values attention reads for one decode step at `position`
     (tokens already cached): each layer reads min(position, window) + 1 positions."""
@@ -183,7 +196,7 @@ def _random_prompt(vocab: int, length: int, seed: int) -> list[int]:
     return torch.randint(0, vocab, (length,), generator=g).tolist()
 
 
-def bench_batches(engine, config: Config, vocab: int) -> list[dict]:
+def bench_batches(engine, config: Config, vocab: int, peak_flops: float, peak_bandwidth: float) -> list[dict]:
     model, device = engine.model, engine.model.get_device()
     prompt = _random_prompt(vocab, config.prompt_len, config.seed)
     rows = []
@@ -200,10 +213,13 @@ def bench_batches(engine, config: Config, vocab: int) -> list[dict]:
         step_s = statistics.median(steps)
         mid_position = config.prompt_len + config.decode_tokens // 2
         read = weight_bytes(model) + kv_bytes_read(model, batch, mid_position)
+        flops = batch * decode_flops(model, mid_position)
         rows.append({
             "batch": batch, "ttft_ms": 1e3 * statistics.median(ttfts), "step_ms": 1e3 * step_s,
             "tokens_per_s": batch / step_s, "ms_per_token": 1e3 * step_s / batch,
             "peak_mem_mb": _peak_memory_mb(device), "bytes_per_step": read, "gb_per_s": read / step_s / 1e9,
+            # utilisation of the two limits: arithmetic (MFU) and memory traffic (MBU)
+            "mfu": 100 * flops / step_s / peak_flops, "mbu": 100 * read / step_s / peak_bandwidth,
         })
         log.info("batch %d: %.2f ms/step", batch, rows[-1]["step_ms"])
     return rows
@@ -249,10 +265,13 @@ def render(metrics: dict) -> str:
              f"batch decode (prompt {metrics['prompt_len']} tokens, {metrics['decode_tokens']} steps, "
              f"temperature {metrics['temperature']}, top-k {metrics['top_k'] or 'off'}, "
              f"median of {metrics['repeats']} runs)",
-             _table(["batch", "TTFT ms", "ms/step", "tok/s", "ms/token", "peak MiB", "read MiB/step", "GB/s"],
+             _table(["batch", "TTFT ms", "ms/step", "tok/s", "ms/token", "peak MiB", "read MiB/step", "GB/s",
+                     "MBU %", "MFU %"],
                     [[str(r["batch"]), f"{r['ttft_ms']:.1f}", f"{r['step_ms']:.2f}", f"{r['tokens_per_s']:.0f}",
                       f"{r['ms_per_token']:.2f}", f"{r['peak_mem_mb']:.0f}", f"{r['bytes_per_step'] / mb:.1f}",
-                      f"{r['gb_per_s']:.1f}"] for r in metrics["batches"]])]
+                      f"{r['gb_per_s']:.1f}", f"{r['mbu']:.1f}", f"{r['mfu']:.2f}"] for r in metrics["batches"]]),
+             f"  MBU against {metrics['peak_bandwidth'] / 1e9:,.0f} GB/s, MFU against {metrics['peak_flops'] / 1e12:.3g} "
+             f"TFLOP/s ({metrics['dtype']}); ms/step is each stream's time per output token (TPOT), ms/token that ÷ batch"]
     if metrics["positions"]:
         parts += ["", "decode step vs context position (batch 1)",
                   _table(["position", "ms/step", "KV read KiB", "total read MiB"],
@@ -283,6 +302,9 @@ def _run(config: Config, runtime: Runtime) -> dict:
     if config.prompt_len + config.decode_tokens + 1 > engine.max_positions():
         raise ValueError(f"--prompt-len + --decode-tokens exceeds the model's {engine.max_positions()} positions")
     time_generation(engine, _random_prompt(vocab, 32, 1), max(config.batch_sizes), 4)  # warm-up
+    from nanochat.common import peak_bandwidth, peak_flops
+    flops_peak = peak_flops(runtime.device, model.compute_dtype, cache_dir=runtime.base_dir)
+    bandwidth_peak = peak_bandwidth(runtime.device, cache_dir=runtime.base_dir)
     device_name = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else "cpu"
     metrics = {
         "model": subject.description, **subject.info, "depth": model.config.n_layer, "n_embd": model.config.n_embd,
@@ -291,7 +313,8 @@ def _run(config: Config, runtime: Runtime) -> dict:
         "torch_threads": torch.get_num_threads(), "weight_bytes": weight_bytes(model),
         "prompt_len": config.prompt_len, "decode_tokens": config.decode_tokens, "repeats": config.repeats,
         "temperature": config.temperature, "top_k": config.top_k,
-        "batches": bench_batches(engine, config, vocab),
+        "peak_flops": flops_peak, "peak_bandwidth": bandwidth_peak,
+        "batches": bench_batches(engine, config, vocab, flops_peak, bandwidth_peak),
         "positions": bench_positions(engine, config, vocab),
     }
     if runtime.is_master:
