@@ -21,7 +21,7 @@ TORCHRUN=(torchrun --standalone --nproc_per_node="$NPROC" -m nanochat)
 
 # --- environment: a venv with the CUDA build of PyTorch (pip picks it on Linux) ---------
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q -e ".[serve,report,wandb,fp8]"
+.venv/bin/pip install -q -e ".[serve,report,wandb,gpu]"  # gpu: FA3 kernels + fp8
 source .venv/bin/activate
 
 nanochat report --reset
