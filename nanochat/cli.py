@@ -23,6 +23,7 @@ log = logging.getLogger("nanochat")
 # subcommand -> module under nanochat.stages, in pipeline order
 STAGES: dict[str, str] = {
     "download": "download",
+    "ingest": "ingest",
     "tok-train": "tok_train",
     "tok-eval": "tok_eval",
     "base-train": "base_train",
@@ -37,6 +38,9 @@ STAGES: dict[str, str] = {
     "bench-tok": "bench_tok",
     "bench-train": "bench_train",
     "bench-infer": "bench_infer",
+    "bench-sandbox": "bench_sandbox",
+    "export": "export",
+    "import-hf": "import_hf",
 }
 
 
