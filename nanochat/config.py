@@ -19,9 +19,11 @@ from typing import Any, Literal, get_args, get_origin
 
 def option(default: Any = MISSING, help: str = "", *, short: str | None = None,
            factory: Any = MISSING, choices: typing.Sequence[Any] | None = None,
-           flag: str | None = None) -> Any:
-    """A config field with CLI metadata. Use `factory=` for mutable defaults."""
-    metadata = {"help": help, "short": short, "choices": choices, "flag": flag}
+           flag: str | None = None, positional: bool = False) -> Any:
+    """A config field with CLI metadata. Use `factory=` for mutable defaults.
+    `positional=True` makes it an optional positional argument (`nanochat import-hf DIR`)
+    instead of a flag; `validate()` says when it is missing."""
+    metadata = {"help": help, "short": short, "choices": choices, "flag": flag, "positional": positional}
     if factory is not MISSING:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -54,6 +56,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         help_text = f.metadata.get("help", "")
         shown = "automatic" if default is None else default
         kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": f"{help_text} (default: {shown})"}
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, metavar=f.name.upper(), nargs="?", default=default, help=help_text,
+                                type=tp if tp in (int, float, str) else str)
+            continue
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif get_origin(tp) is Literal:

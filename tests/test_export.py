@@ -23,6 +23,7 @@ from nanochat.common import Runtime  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
 from nanochat.export import hf  # noqa: E402
 from nanochat.stages import export as export_stage  # noqa: E402
+from nanochat.cli import main  # noqa: E402
 from nanochat.stages import import_hf as import_stage  # noqa: E402
 
 TEXTS = [
@@ -310,10 +311,11 @@ def test_round_trip_is_bit_exact(exports, tmp_path, tiny_tokenizer):
     base, tag, out = exports["swa_gqa"]
     original, _, _ = load_checkpoint(checkpoint_dir(base, "base", tag), 8, "cpu")
     fresh = tmp_path / "fresh"  # no tokenizer: import-hf installs the export's
+    # through the command, as a user types it
+    assert main(["import-hf", str(out), "-g", "back", "--base-dir", str(fresh), "--device-type", "cpu"]) == 0
     cfg = import_stage.Config(path=str(out), tag="back")
     cfg.validate()
-    result = import_stage.run(cfg, _runtime(fresh))
-    assert (result["tag"], result["step"]) == ("back", 8)
+    assert (meta_step := load_checkpoint(checkpoint_dir(fresh, "base", "back"), 8, "cpu")[2]["step"]) == 8, meta_step
     state, _, meta = load_checkpoint(checkpoint_dir(fresh, "base", "back"), 8, "cpu")
     assert state.keys() == original.keys()
     for k, v in original.items():
@@ -390,7 +392,8 @@ def test_bad_input_is_refused_cleanly(tiny_base_checkpoint, tmp_path, capsys):
     assert main(["export", "--base-dir", base, "-i", "base", "-o", str(busy), "--force"]) == 0
     assert (busy / "config.json").exists() and not (busy / "keep.txt").exists()
     # import of something that is not an export
-    assert main(["import-hf", "--base-dir", str(tmp_path / "b"), "-p", str(tmp_path)]) == 2
+    assert main(["import-hf", "--base-dir", str(tmp_path / "b"), str(tmp_path)]) == 2
+    assert main(["import-hf", "--base-dir", str(tmp_path / "b")]) == 2  # no directory given
     assert "config.json" in capsys.readouterr().err
 
 

@@ -1,7 +1,7 @@
 """Import a directory written by `nanochat export` back into a nanochat checkpoint.
 
-  nanochat import-hf -p path/to/export -g d12            # -> base_checkpoints/d12
-  nanochat import-hf -p path/to/export -g d12 -i sft     # -> chatsft_checkpoints/d12
+  nanochat import-hf path/to/export -g d12            # -> base_checkpoints/d12
+  nanochat import-hf path/to/export -g d12 -i sft     # -> chatsft_checkpoints/d12
 
 The weights are copied unchanged (an fp32 export round-trips bit for bit). When the base
 dir has no tokenizer yet, the export's tokenizer.json is converted back and saved.
@@ -20,7 +20,7 @@ log = logging.getLogger("nanochat.import_hf")
 
 @dataclass
 class Config:
-    path: str | None = option(None, "the export directory to import (required)", short="-p")
+    path: str | None = option(None, "the export directory to import (required)", positional=True)
     tag: str | None = option(None, "checkpoint tag to write, e.g. d12; automatic: the export's own tag, "
                              "else d<n_layer>", short="-g")
     source: str = option("base", "which checkpoint folder to write into: base, sft or rl", short="-i")
@@ -30,7 +30,7 @@ class Config:
     def validate(self) -> None:
         problems = []
         if not self.path:
-            problems.append("-p/--path: give the export directory to import")
+            problems.append("give the export directory to import: nanochat import-hf DIR")
         if self.source not in ("base", "sft", "rl"):
             problems.append(f"-i/--source {self.source!r} must be base, sft or rl")
         if self.step is not None and self.step < 0:
