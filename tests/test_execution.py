@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import threading
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from nanochat import execution
 from nanochat.execution import execute_code
 
 
@@ -165,3 +167,142 @@ def test_humaneval_canonical_solutions_pass_and_stubs_fail(shared_data):
         assert good.success, (p["task_id"], good.error)
         bad = execute_code(p["prompt"] + "    return None\n" + p["test"] + harness)
         assert not bad.success and bad.error.startswith("AssertionError"), p["task_id"]
+
+
+# -----------------------------------------------------------------------------
+# Isolation: which one runs, and what the kernel sandbox guarantees. The hostile
+# programs are in test_sandbox_hostile.py.
+
+
+
+@pytest.fixture(scope="module")
+def namespaces():
+    """Skips the test where the kernel offers no namespaces (not Linux, or disabled)."""
+    probe = execution._probe()
+    if probe["mode"] != "namespaces":
+        pytest.skip(f"kernel namespaces unavailable here: {probe['why']}")
+
+
+@pytest.fixture
+def fresh_probe(monkeypatch):
+    """Forget the per-process isolation decision for one test."""
+    monkeypatch.setattr(execution, "_isolation_probed", {})
+    monkeypatch.delenv("NANOCHAT_SANDBOX", raising=False)
+
+
+@pytest.mark.parametrize("isolation", ["guard", "namespaces"])
+def test_both_isolations_run_fail_and_time_out(isolation, request):
+    if isolation == "namespaces":
+        request.getfixturevalue("namespaces")
+    r = execute_code("print(6 * 7)", isolation=isolation)
+    assert r.success and r.stdout == "42\n"
+    r = execute_code("raise ValueError('boom')", isolation=isolation)
+    assert not r.success and r.error == "ValueError: boom"
+    r = execute_code("while True:\n    pass", timeout=0.5, isolation=isolation)
+    assert r.timeout and not r.success
+
+
+def test_sandbox_setting_is_validated(fresh_probe, monkeypatch):
+    with pytest.raises(ValueError, match="isolation"):
+        execute_code("pass", isolation="docker")
+    with pytest.raises(ValueError, match="max_processes"):
+        execute_code("pass", max_processes=-1)
+    monkeypatch.setenv("NANOCHAT_SANDBOX", "bogus")
+    with pytest.raises(ValueError, match="NANOCHAT_SANDBOX"):
+        execute_code("pass")
+    monkeypatch.setenv("NANOCHAT_SANDBOX", "guard")
+    assert execution.sandbox_isolation() == "guard"
+    assert execute_code("print(1)").stdout == "1\n"
+
+
+def test_fallback_warns_once_and_strict_refuses(fresh_probe, monkeypatch, caplog):
+    monkeypatch.setattr(execution, "_probe", lambda: {"mode": "guard", "why": "unshare: Operation not permitted"})
+    with caplog.at_level(logging.INFO, logger="nanochat.execution"):
+        assert execute_code("print(1)").stdout == "1\n"
+        assert execute_code("print(2)").stdout == "2\n"
+    warnings = [rec for rec in caplog.records if rec.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "unshare: Operation not permitted" in warnings[0].getMessage()
+    assert "NOT a security boundary" in warnings[0].getMessage()
+    monkeypatch.setenv("NANOCHAT_SANDBOX", "strict")
+    with pytest.raises(RuntimeError, match="strict.*Operation not permitted"):
+        execute_code("pass")
+
+
+def test_isolation_logged_once(namespaces, fresh_probe, caplog):
+    with caplog.at_level(logging.INFO, logger="nanochat.execution"):
+        for _ in range(2):
+            assert execute_code("pass").success
+    lines = [rec.getMessage() for rec in caplog.records if "code sandbox" in rec.getMessage()]
+    assert len(lines) == 1 and "kernel namespaces" in lines[0]
+
+
+def test_namespaces_filesystem_view(namespaces, tmp_path):
+    code = """import os
+print(os.getcwd())
+print(os.path.realpath(os.environ['TMPDIR']) == os.getcwd())
+print(sorted(os.listdir('/tmp')) == [os.getcwd().split('/')[2]])
+for path in ('/etc/passwd-copy', '/usr/x', '/x', '/proc/sys/kernel/hostname'):
+    try:
+        open(path, 'w').close()
+        print('wrote', path)
+    except OSError as e:
+        print(type(e).__name__, e.errno)
+open('/tmp/fine.txt', 'w').write('scratch /tmp is writable')
+print(os.path.exists(%r), os.path.exists('/home'), os.path.exists('/run'))
+""" % str(tmp_path)
+    r = execute_code(code, isolation="namespaces")
+    assert r.success, r
+    cwd, tmpdir_is_cwd, tmp_holds_only_scratch, *writes, visible = r.stdout.splitlines()
+    assert cwd.startswith("/tmp/nanochat-exec-") and tmpdir_is_cwd == "True" and tmp_holds_only_scratch == "True"
+    assert writes == ["OSError 30"] * 4  # EROFS: read-only everywhere but the scratch
+    assert visible == "False False False"  # the host's /tmp, /home and /run are not there
+
+
+def test_namespaces_scratch_is_size_limited(namespaces):
+    # 64 MiB of tmpfs, files up to 16 MiB each: the fifth 16 MiB file cannot fit
+    code = "for i in range(6):\n    open(f'f{i}', 'wb').write(b'x' * (16 << 20))"
+    r = execute_code(code, isolation="namespaces", max_memory_bytes=None)
+    assert not r.success and "No space left on device" in r.error
+
+
+def test_namespaces_allow_processes_only_when_asked(namespaces):
+    code = ("import sys\nsys.modules.pop('posix')\nimport posix\npid = posix.fork()\n"
+            "if pid == 0:\n    posix._exit(7)\nprint(posix.waitstatus_to_exitcode(posix.waitpid(pid, 0)[1]))")
+    assert "Resource temporarily unavailable" in execute_code(code, isolation="namespaces").error
+    r = execute_code(code, isolation="namespaces", max_processes=1)
+    assert r.success and r.stdout == "7\n"
+
+
+@pytest.mark.slow
+def test_all_humaneval_canonical_solutions_pass_in_the_sandbox(namespaces, shared_data):
+    from nanochat.tasks.humaneval import build_program
+    with gzip.open(shared_data / "humaneval" / "HumanEval.jsonl.gz", "rt") as f:
+        problems = [json.loads(line) for line in f]
+    assert len(problems) == 164
+    failed = []
+    for p in problems:
+        program = build_program(p["prompt"], p["prompt"] + p["canonical_solution"], p["test"], p["entry_point"])
+        r = execute_code(program, isolation="namespaces")
+        if not r.success:
+            failed.append((p["task_id"], r.error))
+    assert failed == []
+
+
+def test_bench_sandbox_stage(shared_data, tmp_path, capsys):
+    import torch
+
+    from nanochat.common import Runtime
+    from nanochat.stages import bench_sandbox
+    with gzip.open(shared_data / "humaneval" / "HumanEval.jsonl.gz", "rt") as f:
+        lines = [line for _, line in zip(range(2), f)]
+    subset = tmp_path / "he.jsonl"
+    subset.write_text("".join(lines))
+    runtime = Runtime(device=torch.device("cpu"), dtype=torch.float32, base_dir=tmp_path)
+    config = bench_sandbox.Config(runs=3, humaneval_file=str(subset))
+    metrics = bench_sandbox.run(config, runtime)
+    assert metrics["humaneval_programs"] == 2 and metrics["humaneval_guard_passed"] == 2
+    assert metrics["guard_median_ms"] > 0 and "median" in capsys.readouterr().out
+    if "namespaces_median_ms" in metrics:  # where the kernel allows them
+        assert metrics["humaneval_namespaces_passed"] == 2 and "overhead_median_ms" in metrics
+    with pytest.raises(ValueError, match="--runs"):
+        bench_sandbox.Config(runs=0).validate()
