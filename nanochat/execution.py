@@ -180,10 +180,17 @@ if settings["isolation"] == "namespaces":
         covered = [path for kind, path, _ in plan if kind == "dir"]
         prefixes = (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
                     os.path.dirname(os.path.realpath(sys.executable)))
+        stdlib = os.path.realpath(os.path.dirname(os.__file__))
         for path in sorted({p for prefix in prefixes for p in (os.path.abspath(prefix), os.path.realpath(prefix))}):
-            if os.path.isdir(path) and not any(path == c or path.startswith(c + "/") for c in covered):
-                plan.append(("dir", path, path))
-                covered.append(path)
+            if not os.path.isdir(path) or any(path == c or path.startswith(c + "/") for c in covered):
+                continue
+            if (path == "/tmp" or path.startswith("/tmp/")) and not stdlib.startswith(path + "/"):
+                # a venv in a checkout under /tmp: the program needs the interpreter (already
+                # running) and the standard library, not the venv's packages, and binding it
+                # would leave its parent directories in the writable scratch
+                continue
+            plan.append(("dir", path, path))
+            covered.append(path)
         for dev in ("null", "zero", "full", "random", "urandom"):
             plan.append(("file", "/dev/" + dev, "/dev/" + dev))
         return plan
@@ -228,12 +235,17 @@ if settings["isolation"] == "namespaces":
             if kind != "link" and path not in fds:
                 fds[path] = "/proc/self/fd/%d" % os.open(path, os.O_PATH | os.O_CLOEXEC)
         _mount("tmpfs", NEW, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=256,mode=0755")
-        for kind, path, target in plan:
+        # a tree under /tmp (a venv in a checkout under /tmp, as CI clones may be) goes on top of
+        # the scratch tmpfs, so it is bound after that is mounted
+        under_tmp = [item for item in plan if item[1] == "/tmp" or item[1].startswith("/tmp/")]
+        plan = [item for item in plan if item not in under_tmp]
+
+        def bind(kind, path, target):
             dst = NEW + path
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             if kind == "link":
                 os.symlink(target, dst)
-                continue
+                return
             if kind == "dir":
                 os.makedirs(dst, exist_ok=True)
             else:
@@ -244,8 +256,9 @@ if settings["isolation"] == "namespaces":
                     _fail(f"move_mount {path}")
             else:
                 _mount(source, dst, None, MS_BIND | MS_REC)
-        for source in fds.values():  # a host directory reached through a left-open fd is no sandbox
-            os.close(source if isinstance(source, int) else int(source.rsplit("/", 1)[1]))
+
+        for item in plan:
+            bind(*item)
         for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                              ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
             os.symlink(target, f"{NEW}/dev/{name}")
@@ -254,6 +267,11 @@ if settings["isolation"] == "namespaces":
         _make_read_only(NEW)
         _mount("tmpfs", NEW + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
                f"size={settings['scratch']},nr_inodes=4096,mode=0700")
+        for item in under_tmp:
+            bind(*item)
+            _make_read_only(NEW + item[1])
+        for source in fds.values():  # a host directory reached through a left-open fd is no sandbox
+            os.close(source if isinstance(source, int) else int(source.rsplit("/", 1)[1]))
         try:
             _mount("proc", NEW + "/proc", "proc", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
         except OSError:

@@ -258,6 +258,26 @@ print(os.path.exists(%r), os.path.exists('/home'), os.path.exists('/run'))
     assert visible == "False False False"  # the host's /tmp, /home and /run are not there
 
 
+def test_namespaces_from_a_venv_under_tmp(namespaces, tmp_path):
+    """A checkout (and its venv) under /tmp, as a CI clone may be: the sandbox still isolates,
+    /tmp is the scratch alone, and the standard library imports."""
+    import subprocess
+    import sys
+    import venv
+
+    venv.create(tmp_path / "venv", with_pip=False, symlinks=True)
+    python = tmp_path / "venv" / "bin" / "python"
+    script = ("from nanochat.execution import execute_code\n"
+              "r = execute_code('import json, os; print(sorted(os.listdir(\"/tmp\")) == [os.getcwd().split(\"/\")[2]])',"
+              " isolation='namespaces')\n"
+              "print(r.success, r.stdout.strip(), r.error)")
+    repo = Path(execution.__file__).resolve().parents[1]
+    out = subprocess.run([str(python), "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(repo)})
+    assert str(tmp_path).startswith("/tmp/")
+    assert out.stdout.split() == ["True", "True", "None"], (out.stdout, out.stderr[-2000:])
+
+
 def test_namespaces_scratch_is_size_limited(namespaces):
     # 64 MiB of tmpfs, files up to 16 MiB each: the fifth 16 MiB file cannot fit
     code = "for i in range(6):\n    open(f'f{i}', 'wb').write(b'x' * (16 << 20))"
