@@ -80,7 +80,7 @@ PLAN=$(awk -v budget=$(( DEMO_MINUTES * 60 )) -v spent="$(elapsed)" -v step_ms="
     train = budget - spent - fixed
     pre = int(0.8 * train / step); sft = int(0.2 * train / step)
     if (pre < 20) pre = 20; if (sft < 10) sft = 10
-    printf "%d %d %.1f %d", pre, sft, step, fixed }')
+    printf "%d %d %.2f %d", pre, sft, step, fixed }')
 read -r PLAN_STEPS PLAN_SFT STEP_S FIXED_S <<< "$PLAN"
 STEPS=${STEPS:-$PLAN_STEPS}
 SFT_STEPS=${SFT_STEPS:-$PLAN_SFT}

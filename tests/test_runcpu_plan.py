@@ -31,8 +31,10 @@ def test_demo_plans_its_steps_from_a_timed_step(tmp_path, shared_data):
     pretrain, sft = int(steps.group(1)), int(steps.group(3))
     assert step_s > 0 and pretrain >= 20 and sft >= 10
     # the plan fills the 30 minutes: setup + evaluations + both trainings, within a step or two
+    # (plus the rounding of the printed step time to 0.01 s, over every planned step)
     total = int(spent.group(1)) + fixed_s + (pretrain + sft) * step_s
-    assert abs(total - 30 * 60) <= 2 * step_s + 1 or (pretrain, sft) == (20, 10), (total, out.stdout[-2000:])
+    slack = 2 * step_s + 2 + 0.005 * (pretrain + sft)
+    assert abs(total - 30 * 60) <= slack or (pretrain, sft) == (20, 10), (total, out.stdout[-2000:])
     assert pretrain / sft == pytest.approx(4, rel=0.1) or sft == 10
     # it stopped after planning: a tokenizer, no checkpoint
     base = tmp_path / "base"
