@@ -342,10 +342,23 @@ def measure_peak_matmul_flops(device: torch.device, dtype: torch.dtype,
     noise of a shared machine). A size whose trials would overrun `budget_seconds` (judged
     from the best rate so far) is skipped, and so are the larger ones.
     """
-    import time
     key = (str(device), dtype)
     if key in _MEASURED_PEAK:
         return _MEASURED_PEAK[key]
+    # the probe's random matrices must not move the global RNG: a run whose peak was not
+    # cached yet would otherwise initialise its model differently from the same run later
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        best = _probe_matmul(device, dtype, sizes, trial_seconds, trials, budget_seconds)
+    if device.type == "cpu":
+        release_free_memory()  # the probe's matrices would otherwise stay resident in the heap
+    log.debug("measured peak matmul throughput on %s in %s: %.3e FLOP/s", device, dtype, best)
+    _MEASURED_PEAK[key] = best
+    return best
+
+
+def _probe_matmul(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...], trial_seconds: float,
+                  trials: int, budget_seconds: float) -> float:
+    import time
     t_start = time.perf_counter()
     best = 0.0
     for n in sizes:
@@ -374,10 +387,6 @@ def measure_peak_matmul_flops(device: torch.device, dtype: torch.dtype,
             best_here = max(best_here, 2 * n ** 3 * iters / (time.perf_counter() - t0))
         best = max(best, best_here)
         del a, b
-    if device.type == "cpu":
-        release_free_memory()  # the probe's matrices would otherwise stay resident in the heap
-    log.debug("measured peak matmul throughput on %s in %s: %.3e FLOP/s", device, dtype, best)
-    _MEASURED_PEAK[key] = best
     return best
 
 

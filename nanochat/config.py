@@ -57,8 +57,11 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         shown = "automatic" if default is None else default
         kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": f"{help_text} (default: {shown})"}
         if f.metadata.get("positional"):
-            parser.add_argument(f.name, metavar=f.name.upper(), nargs="?", default=default, help=help_text,
-                                type=tp if tp in (int, float, str) else str)
+            many = get_origin(tp) in (list, tuple)  # PATH...: any number of values
+            inner = (get_args(tp) or (str,))[0] if many else tp
+            parser.add_argument(f.name, metavar=f.name.upper().rstrip("S") + ("..." if many else ""),
+                                nargs="*" if many else "?", default=default, help=help_text,
+                                type=inner if inner in (int, float, str) else str)
             continue
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

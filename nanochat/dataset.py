@@ -11,6 +11,12 @@ shard_06542 = val); `$NANOCHAT_DATA_URL` / `--url` and `$NANOCHAT_DATA_SHARDS` /
 `download_shards` records the source in `base_data/source.json`, so the val shard is
 known by name even when only a few train shards have been fetched; without that file
 (shards copied in by hand) the highest-named shard present is val.
+
+Named datasets (`nanochat ingest PATH --dataset NAME`, see nanochat/ingest.py) live in
+`<base_dir>/datasets/NAME/`: the same shard layout, plus a `manifest.json` that lists the
+train shards and the val shard (again the last one) and is written last, so a dataset
+without it is an unfinished ingest. Every reader here takes `dataset=NAME`; None means
+the downloaded web text in `base_data/`.
 """
 from __future__ import annotations
 
@@ -32,18 +38,65 @@ URL_ENV = "NANOCHAT_DATA_URL"
 SHARDS_ENV = "NANOCHAT_DATA_SHARDS"
 DATA_SUBDIR = "base_data"
 SOURCE_FILE = "source.json"
+DATASETS_SUBDIR = "datasets"        # named datasets: <base_dir>/datasets/<name>/
+MANIFEST_FILE = "manifest.json"
 TEXT_COLUMN = "text"
 SPLITS = ("train", "val")
 _SHARD_RE = re.compile(r"^shard_(\d+)\.parquet$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}.parquet"
 
 
-def data_dir(base_dir: str | os.PathLike | None = None) -> Path:
-    """`<base_dir>/base_data` (base_dir defaults to $NANOCHAT_BASE_DIR or ~/.cache/nanochat)."""
+def data_dir(base_dir: str | os.PathLike | None = None, dataset: str | None = None) -> Path:
+    """`<base_dir>/base_data`, or `<base_dir>/datasets/<dataset>` for a named dataset
+    (base_dir defaults to $NANOCHAT_BASE_DIR or ~/.cache/nanochat)."""
+    if dataset is not None:
+        return get_base_dir(base_dir) / DATASETS_SUBDIR / check_dataset_name(dataset)
     return get_base_dir(base_dir) / DATA_SUBDIR
+
+
+def check_dataset_name(name: str) -> str:
+    """`name` if it can name a dataset directory (letters, digits, '.', '_', '-'), else ValueError."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
+        raise ValueError(f"dataset name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
+                         "letter or digit (e.g. --dataset my_books)")
+    return name
+
+
+def dataset_problems(name: str | None) -> list[str]:
+    """For a stage's validate(): what is wrong with `--dataset NAME` ([] when None or valid)."""
+    if name is None:
+        return []
+    try:
+        check_dataset_name(name)
+    except ValueError as e:
+        return [f"--dataset: {e}"]
+    return []
+
+
+def list_datasets(base_dir: str | os.PathLike | None = None) -> list[str]:
+    """Names of the complete named datasets (those with a manifest) under the base dir."""
+    root = get_base_dir(base_dir) / DATASETS_SUBDIR
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / MANIFEST_FILE).is_file())
+
+
+def read_manifest(directory: str | os.PathLike) -> dict | None:
+    """The manifest of a named dataset directory (None when absent: no dataset, or an
+    ingest that did not finish)."""
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        [str(n) for n in manifest["shards"]["train"]], str(manifest["shards"]["val"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is damaged ({e}); run `nanochat ingest ... --overwrite` to rebuild the dataset") from e
+    return manifest
 
 
 def list_parquet_files(directory: str | os.PathLike) -> list[Path]:
@@ -75,10 +128,13 @@ def read_source(directory: str | os.PathLike) -> dict | None:
     return source
 
 
-def split_files(split: str, base_dir: str | os.PathLike | None = None) -> list[Path]:
-    """The shards of `split` ("train" or "val") on disk, sorted by name."""
+def split_files(split: str, base_dir: str | os.PathLike | None = None, dataset: str | None = None) -> list[Path]:
+    """The shards of `split` ("train" or "val") on disk, sorted by name: of the
+    downloaded web text, or of the named `dataset`."""
     if split not in SPLITS:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if dataset is not None:
+        return _dataset_split_files(split, base_dir, dataset)
     directory = data_dir(base_dir)
     files = list_parquet_files(directory)
     if not files:
@@ -101,8 +157,27 @@ def split_files(split: str, base_dir: str | os.PathLike | None = None) -> list[P
     return train
 
 
+def _dataset_split_files(split: str, base_dir: str | os.PathLike | None, name: str) -> list[Path]:
+    directory = data_dir(base_dir, name)
+    manifest = read_manifest(directory)
+    if manifest is None:
+        if directory.is_dir():
+            raise FileNotFoundError(f"dataset {name!r} in {directory} is unfinished (no {MANIFEST_FILE}: its ingest "
+                                    f"was interrupted?); run the same `nanochat ingest ... --dataset {name}` again")
+        known = list_datasets(base_dir)
+        raise FileNotFoundError(f"no dataset {name!r} in {directory.parent}; build it with `nanochat ingest PATH "
+                                f"--dataset {name}`" + (f" (datasets there: {', '.join(known)})" if known else ""))
+    names = list(manifest["shards"]["train"]) if split == "train" else [manifest["shards"]["val"]]
+    files = [directory / n for n in names]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"dataset {name!r} is missing {', '.join(missing)} listed in its {MANIFEST_FILE}; "
+                                f"rebuild it with `nanochat ingest ... --dataset {name} --overwrite`")
+    return files
+
+
 def parquets_iter_batched(split: str, base_dir: str | os.PathLike | None = None, start: int = 0,
-                          step: int = 1) -> Iterator[list[str]]:
+                          step: int = 1, dataset: str | None = None) -> Iterator[list[str]]:
     """Yield the texts of one parquet row group at a time, for the shards of `split`.
 
     In every shard, row groups start, start+step, start+2*step, ... are read, so DDP
@@ -111,16 +186,17 @@ def parquets_iter_batched(split: str, base_dir: str | os.PathLike | None = None,
     """
     if start < 0 or step < 1:
         raise ValueError(f"need start >= 0 and step >= 1, got start={start}, step={step}")
-    files = split_files(split, base_dir)
+    files = split_files(split, base_dir, dataset)
     return _iter_row_groups(files, start, step)
 
 
-def tokenizer_train_texts(base_dir: str | os.PathLike | None, max_chars: int, doc_cap: int) -> Iterator[str]:
+def tokenizer_train_texts(base_dir: str | os.PathLike | None, max_chars: int, doc_cap: int,
+                          dataset: str | None = None) -> Iterator[str]:
     """The tokenizer's training stream (tok-train, bench-tok): train-split documents in
     shard order, each cropped to `doc_cap` characters, `max_chars` characters in all."""
     from nanochat.tokenizer import iter_capped  # lazy: reading shards needs no tokenizer (tiktoken)
 
-    batches = parquets_iter_batched("train", base_dir)  # raises now if shards are missing
+    batches = parquets_iter_batched("train", base_dir, dataset=dataset)  # raises now if shards are missing
     docs = (doc for batch in batches for doc in batch)
     return iter_capped(docs, max_chars, doc_cap)
 

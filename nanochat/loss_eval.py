@@ -77,14 +77,16 @@ def complete_prompts(model: torch.nn.Module, tokenizer, prompts=SAMPLE_PROMPTS, 
 
 
 def split_bpb(model: torch.nn.Module, tokenizer, token_bytes: torch.Tensor, *, base_dir, splits=("train", "val"),
-              batch_size: int, seq_len: int, tokens: int, rank: int = 0, world_size: int = 1) -> dict[str, float]:
-    """Bits per byte on `tokens` tokens of each pretraining split."""
+              batch_size: int, seq_len: int, tokens: int, rank: int = 0, world_size: int = 1,
+              dataset: str | None = None) -> dict[str, float]:
+    """Bits per byte on `tokens` tokens of each pretraining split (of the named dataset
+    built by `nanochat ingest`, or the downloaded web text when None)."""
     from nanochat.dataloader import pretrain_batches
     steps = max(1, tokens // (batch_size * seq_len * world_size))
     results = {}
     for split in splits:
         loader = pretrain_batches(tokenizer, batch_size, seq_len, split, base_dir=base_dir,
-                                  device=token_bytes.device, rank=rank, world_size=world_size)
+                                  device=token_bytes.device, rank=rank, world_size=world_size, dataset=dataset)
         try:
             results[split] = evaluate_bpb(model, one_pass(loader, steps), steps, token_bytes)
         finally:

@@ -126,3 +126,53 @@ def test_validate_shard(openstax, tmp_path):
     junk.write_bytes(b"<html>not found</html>")
     with pytest.raises(ValueError, match="not a readable parquet"):
         ds.validate_shard(junk)
+
+
+# -----------------------------------------------------------------------------
+# Named datasets (<base_dir>/datasets/NAME/, built by `nanochat ingest`)
+
+def _named(tmp_path: Path, openstax: Path, name: str = "books") -> Path:
+    """A named dataset by hand: two OpenStax train shards and the val shard, plus the manifest."""
+    d = ds.data_dir(tmp_path, name)
+    d.mkdir(parents=True)
+    for i, src in enumerate(("shard_00000.parquet", "shard_00001.parquet", "shard_00005.parquet")):
+        (d / ds.shard_name(i)).symlink_to(openstax / src)
+    manifest = {"name": name, "shards": {"train": [ds.shard_name(0), ds.shard_name(1)], "val": ds.shard_name(2)}}
+    (d / ds.MANIFEST_FILE).write_text(json.dumps(manifest))
+    return d
+
+
+def test_named_dataset_layout_and_readers(openstax, tmp_path):
+    d = _named(tmp_path, openstax)
+    assert d == tmp_path / "datasets" / "books"
+    assert ds.split_files("train", tmp_path, "books") == [d / "shard_00000.parquet", d / "shard_00001.parquet"]
+    assert ds.split_files("val", tmp_path, "books") == [d / "shard_00002.parquet"]
+    val = [t for b in ds.parquets_iter_batched("val", tmp_path, dataset="books") for t in b]
+    assert val == _all_texts(openstax / "shard_00005.parquet")
+    first = next(iter(ds.tokenizer_train_texts(tmp_path, 10_000, 500, dataset="books")))
+    assert first == _all_texts(openstax / "shard_00000.parquet")[0][:500]
+    assert ds.list_datasets(tmp_path) == ["books"]
+    # the web text stays the default, and is not there
+    with pytest.raises(FileNotFoundError, match="nanochat download"):
+        ds.split_files("train", tmp_path)
+
+
+def test_named_dataset_errors(openstax, tmp_path):
+    d = _named(tmp_path, openstax)
+    with pytest.raises(FileNotFoundError, match="no dataset 'papers'.*nanochat ingest.*datasets there: books"):
+        ds.split_files("train", tmp_path, "papers")
+    (tmp_path / "datasets" / "half").mkdir()  # an ingest that never wrote its manifest
+    with pytest.raises(FileNotFoundError, match="unfinished.*run the same"):
+        ds.split_files("val", tmp_path, "half")
+    (d / "shard_00001.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="missing shard_00001.parquet"):
+        ds.split_files("train", tmp_path, "books")
+    (d / ds.MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="damaged"):
+        ds.split_files("train", tmp_path, "books")
+    for bad in ("", "..", "a/b", "-x", ".hidden", "x" * 65, "sp ace"):
+        with pytest.raises(ValueError, match="dataset name"):
+            ds.data_dir(tmp_path, bad)
+    for good in ("books", "my_books-2", "v1.0", "X"):
+        assert ds.check_dataset_name(good) == good
+    assert cli.main(["tok-train", "--dataset", "a/b", "--base-dir", str(tmp_path)]) == 2

@@ -441,12 +441,9 @@ def test_push_to_hub_errors_are_clear(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_core_of_export_equals_native(exports, shared_data, tmp_path, monkeypatch):
     """CORE (3 tasks, 4 examples each) through `base-eval --hf-path EXPORT` equals CORE of
-    the native checkpoint. base-eval does not pass trust_remote_code yet, so this test
-    adds it to transformers' loaders (see the export report for the one-line change)."""
+    the native checkpoint. The export's model code is this package's, so base-eval runs
+    it without --trust-remote-code; changed by one byte, it is refused without the flag."""
     import shutil
-    from functools import partial
-
-    import transformers
 
     from nanochat.core_eval import load_task_specs
     from nanochat.stages import base_eval
@@ -467,10 +464,17 @@ def test_core_of_export_equals_native(exports, shared_data, tmp_path, monkeypatc
         shutil.copy(bundle / "eval_data" / specs[label].dataset_uri, dst)
     runtime = _runtime(base)
     native = base_eval.run(base_eval.Config(eval="core", max_per_task=4, tag=tag), runtime)
-    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
-        monkeypatch.setattr(cls, "from_pretrained", partial(cls.from_pretrained, trust_remote_code=True))
     exported = base_eval.run(base_eval.Config(eval="core", max_per_task=4, hf_path=str(out)), runtime)
     assert set(exported["tasks"]) == set(native["tasks"]) == {"copa", "arc_easy", "bigbench_operators"}
     for label, task in native["tasks"].items():
         assert exported["tasks"][label]["accuracy"] == task["accuracy"], label
     assert exported["core"] == native["core"]
+    # someone else's code in the same place is not run unless asked
+    tampered = tmp_path / "tampered"
+    shutil.copytree(out, tampered)
+    with open(tampered / "modeling_nanochat.py", "a") as f:
+        f.write("\n# changed\n")
+    assert not base_eval._is_our_export(tampered) and base_eval._is_our_export(out)
+    with pytest.raises(Exception, match="trust_remote_code"):
+        base_eval.load_hf_model(str(tampered), torch.device("cpu"))
+    assert base_eval.load_hf_model(str(tampered), torch.device("cpu"), trust_remote_code=True)[0] is not None

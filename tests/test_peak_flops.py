@@ -51,3 +51,13 @@ def test_a_damaged_cache_is_measured_again_and_rewritten(tmp_path, monkeypatch, 
     assert common.peak_flops(torch.device("cpu"), torch.float32, cache_dir=tmp_path) == 3.0e11
     table = json.loads((tmp_path / common.PEAK_FLOPS_CACHE).read_text())
     assert 3.0e11 in table.values()
+
+
+def test_measuring_the_peak_leaves_the_global_rng_alone():
+    """A first run (peak not cached yet) must initialise its model as a later run does."""
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    common._MEASURED_PEAK.pop(("cpu", torch.float32), None)
+    common.measure_peak_matmul_flops(torch.device("cpu"), torch.float32, sizes=(64, 128), budget_seconds=0.2)
+    assert torch.equal(torch.rand(4), expected)

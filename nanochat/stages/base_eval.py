@@ -37,8 +37,12 @@ class Config:
     batch_size: int = option(16, "CORE: sequences per forward pass (an item has one per choice)")
     device_batch_size: int = option(32, "bpb: sequences per device per forward pass")
     split_tokens: int = option(40 * 524288, "bpb: tokens evaluated per split")
-    hf_path: str | None = option(None, "evaluate the Hugging Face causal LM saved at this local path instead "
-                                       "(needs `pip install transformers`)")
+    dataset: str | None = option(None, "bpb: measure on the named dataset built by `nanochat ingest` instead of "
+                                       "the downloaded web text")
+    hf_path: str | None = option(None, "evaluate a Hugging Face causal LM instead: a local directory (save_pretrained "
+                                       "or `nanochat export`) or a hub id (needs `pip install 'nanochat[hf]'`)")
+    trust_remote_code: bool = option(False, "--hf-path: let a model that ships its own code run it (an export of "
+                                            "this nanochat version is trusted without this)")
     bundle_url: str | None = option(None, "where to fetch the CORE eval bundle if <base_dir>/eval_bundle is absent: "
                                           "URL, file:// URL, zip or directory (default: $NANOCHAT_EVAL_BUNDLE_URL, "
                                           "else the reference's URL)")
@@ -58,6 +62,8 @@ class Config:
                 p.append(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.hf_path is not None and (self.tag is not None or self.step is not None):
             p.append("--hf-path evaluates a Hugging Face model; it cannot be combined with --tag/--step")
+        from nanochat.dataset import dataset_problems
+        p.extend(dataset_problems(self.dataset))
         check(p)
 
 
@@ -123,23 +129,42 @@ class HFTokenizer:
                              for i in range(len(self.tok))], dtype=torch.int32)
 
 
-def load_hf_model(hf_path: str, device: torch.device) -> tuple[HFCausalLM, HFTokenizer]:
-    """Load a transformers causal LM and its tokenizer from a local directory, in fp32
-    (as the reference scored GPT-2)."""
+def _is_our_export(path: Path) -> bool:
+    """True when `path` was written by `nanochat export` with this version's model code:
+    its remote-code files are byte for byte the ones this package ships, so loading them
+    runs our code, not a stranger's."""
+    from nanochat.export.hf import REMOTE_CODE_FILES, TEMPLATE_DIR
+    return all((path / name).is_file() and (path / name).read_bytes() == (TEMPLATE_DIR / name).read_bytes()
+               for name in REMOTE_CODE_FILES)
+
+
+def load_hf_model(hf_path: str, device: torch.device, trust_remote_code: bool = False
+                  ) -> tuple[HFCausalLM, HFTokenizer]:
+    """Load a transformers causal LM and its tokenizer, in fp32 (as the reference scored
+    GPT-2), from a local directory or a hub id (downloaded when the network allows).
+    A directory written by `nanochat export` loads its own model code when that code is
+    this package's; other remote code runs only with trust_remote_code."""
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:
         raise ValueError("--hf-path needs the transformers package: pip install 'nanochat[hf]' "
                          "(or pip install transformers)") from e
     path = Path(hf_path).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"--hf-path {hf_path}: no such directory; give a local folder written by "
-                                "save_pretrained (config.json, weights, tokenizer files)")
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    if path.is_dir():
+        source, kwargs = path, {"local_files_only": True, "trust_remote_code": trust_remote_code or _is_our_export(path)}
+    elif path.exists() or hf_path.startswith((".", "/", "~")) or hf_path.count("/") != 1:
+        raise FileNotFoundError(f"--hf-path {hf_path}: no such directory; give a folder written by save_pretrained "
+                                "or `nanochat export`, or a hub id such as openai-community/gpt2")
+    else:
+        source, kwargs = hf_path, {"trust_remote_code": trust_remote_code}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(source, **kwargs))
+    except OSError as e:  # not found locally, no network, no such repository
+        raise FileNotFoundError(f"--hf-path {hf_path}: could not load it ({e})") from e
     model.float().to(device).eval()
     cfg = model.config
     max_seq_len = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
-    tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True))
     return HFCausalLM(model, max_seq_len), tokenizer
 
 
@@ -184,7 +209,7 @@ def model_slug(meta: dict, tag: str) -> str:
 def _load(config: Config, runtime: Runtime):
     """(model, tokenizer, name, slug, sequence_len, token_bytes or None, is_hf)."""
     if config.hf_path is not None:
-        model, tokenizer = load_hf_model(config.hf_path, runtime.device)
+        model, tokenizer = load_hf_model(config.hf_path, runtime.device, config.trust_remote_code)
         slug = Path(config.hf_path).expanduser().resolve().name  # e.g. gpt2 for ./models/gpt2
         return (model, tokenizer, config.hf_path, slug, model.max_seq_len or 1024,
                 tokenizer.token_bytes().to(runtime.device), True)
@@ -221,7 +246,7 @@ def run(config: Config, runtime: Runtime) -> dict:
         from nanochat.loss_eval import split_bpb
         bpb = split_bpb(model, tokenizer, token_bytes, base_dir=runtime.base_dir, batch_size=config.device_batch_size,
                         seq_len=seq_len, tokens=config.split_tokens, rank=runtime.rank,
-                        world_size=runtime.world_size)
+                        world_size=runtime.world_size, dataset=config.dataset)
         for split, value in bpb.items():
             log.info("%s bpb: %.6f", split, value)
             metrics[f"{split}_bpb"] = value

@@ -2,6 +2,7 @@
 
   nanochat base-loss                 # newest base model
   nanochat base-loss -g d4 -s 200 --split-tokens 1048576
+  nanochat base-loss --dataset my_books   # on a dataset built by `nanochat ingest`
 """
 from __future__ import annotations
 
@@ -22,10 +23,14 @@ class Config:
     seq_len: int | None = option(None, "sequence length (default: the model's training length)")
     split_tokens: int = option(40 * 524288, "tokens evaluated per split")
     max_tokens: int = option(16, "tokens generated per sample prompt")
+    dataset: str | None = option(None, "measure on the named dataset built by `nanochat ingest` instead of the downloaded web text")
 
     def validate(self) -> None:
-        check([f"--{n.replace('_', '-')} must be positive" for n in ("device_batch_size", "split_tokens", "max_tokens")
-               if getattr(self, n) < 1])
+        p = [f"--{n.replace('_', '-')} must be positive" for n in ("device_batch_size", "split_tokens", "max_tokens")
+             if getattr(self, n) < 1]
+        from nanochat.dataset import dataset_problems
+        p.extend(dataset_problems(self.dataset))
+        check(p)
 
 
 def run(config: Config, runtime: Runtime) -> dict:
@@ -40,7 +45,8 @@ def run(config: Config, runtime: Runtime) -> dict:
     seq_len = config.seq_len or meta["model_config"]["sequence_len"]
     token_bytes = get_token_bytes(runtime.base_dir, device=runtime.device)
     bpb = split_bpb(model, tokenizer, token_bytes, base_dir=runtime.base_dir, batch_size=config.device_batch_size,
-                    seq_len=seq_len, tokens=config.split_tokens, rank=runtime.rank, world_size=runtime.world_size)
+                    seq_len=seq_len, tokens=config.split_tokens, rank=runtime.rank, world_size=runtime.world_size,
+                    dataset=config.dataset)
     for split, value in bpb.items():
         log.info("%s bpb: %.4f", split, value)
     samples = []
@@ -49,6 +55,7 @@ def run(config: Config, runtime: Runtime) -> dict:
         for prompt, completion in zip(SAMPLE_PROMPTS, samples):
             print(f"{prompt}{completion}")
         log_section(runtime.base_dir, "Base model loss",
-                    {"step": meta.get("step"), "train bpb": bpb.get("train"), "val bpb": bpb.get("val"),
+                    {"step": meta.get("step"), "dataset": config.dataset or "base_data",
+                     "train bpb": bpb.get("train"), "val bpb": bpb.get("val"),
                      "samples": [p + c for p, c in zip(SAMPLE_PROMPTS, samples)]})
     return {"train_bpb": bpb.get("train"), "val_bpb": bpb.get("val"), "step": meta.get("step"), "samples": samples}

@@ -1,12 +1,18 @@
-"""Pretrain a base GPT on the web-text shards; --depth sizes everything.
+"""Pretrain a base GPT on the web-text shards (or --dataset NAME); --depth sizes everything.
 
 From one dial, --depth, the stage derives the model's width and heads, the training
 horizon (tokens = ratio × scaling params), the total batch size (Power Lines), and
 learning rates and weight decay transferred from the d12 reference. Periodically it
 measures val bits per byte, CORE and samples, and saves resumable checkpoints.
 
+Rows are packed best-fit from a buffer of documents; a document longer than the room left
+in a row is split (--long-docs split, the default: its remainder starts a later row with
+BOS, so every token is trained on) or cropped (--long-docs crop, the reference's rule,
+which discards the rest). The log reports the share of each epoch's tokens trained on.
+
   nanochat base-train --depth 20                       # the speedrun model
   nanochat base-train --depth 4 --max-seq-len 512 --device-batch-size 8 --num-iterations 200
+  nanochat base-train --dataset my_books --depth 12    # a dataset built by `nanochat ingest`
   torchrun --standalone --nproc_per_node=8 -m nanochat base-train --depth 24
 """
 from __future__ import annotations
@@ -33,6 +39,10 @@ class Config:
     head_dim: int = option(128, "channels per attention head")
     max_seq_len: int = option(2048, "context length in tokens")
     window_pattern: str = option("SSSL", "sliding-window pattern tiled over layers: L = full context, S = half (the last layer is always L)")
+    # data
+    dataset: str | None = option(None, "train on this named dataset (built by `nanochat ingest`) instead of the downloaded web text")
+    long_docs: str = option("split", "a document longer than the room left in a row: 'split' it (its rest starts a later row; "
+                                     "no token discarded) or 'crop' it (the reference's rule)", choices=("split", "crop"))
     # horizon: at most one of these; none given means --target-param-data-ratio 10.5
     num_iterations: int | None = option(None, "train for exactly this many optimizer steps")
     target_flops: float | None = option(None, "train until this many FLOPs have been spent")
@@ -88,6 +98,10 @@ class Config:
             p.append(f"--resume accepts only 'latest' (got {self.resume!r}); use --resume-from-step N for a given step")
         if self.resume is not None and self.resume_from_step is not None:
             p.append("give either --resume latest or --resume-from-step, not both")
+        if self.long_docs not in ("split", "crop"):
+            p.append(f"--long-docs must be 'split' or 'crop' (got {self.long_docs!r})")
+        from nanochat.dataset import dataset_problems
+        p.extend(dataset_problems(self.dataset))
         check(p)
 
 
@@ -152,7 +166,7 @@ def make_plan(config: Config, vocab_size: int, world_size: int) -> Plan:
 
 def run(config: Config, runtime: Runtime) -> dict:
     from nanochat import checkpoint as ckpt
-    from nanochat.dataloader import pretrain_batches
+    from nanochat.dataloader import pretrain_batches, used_fraction
     from nanochat.gpt import GPTConfig, build_model
     from nanochat.loss_eval import SAMPLE_PROMPTS, complete_prompts, evaluate_bpb, one_pass
     from nanochat.report import log_section
@@ -201,6 +215,10 @@ def run(config: Config, runtime: Runtime) -> dict:
         smooth_loss = loop.get("smooth_train_loss", 0.0)
         train_time = loop.get("total_training_time", 0.0)
         loader_state = meta.get("dataloader_state_dict")
+        saved = loader_state[0] if isinstance(loader_state, list) and loader_state else loader_state
+        if isinstance(saved, dict) and saved.get("long_docs", config.long_docs) != config.long_docs:
+            log.warning("the checkpoint's run packed with --long-docs %s; continuing with --long-docs %s",
+                        saved["long_docs"], config.long_docs)
 
     train_model = model
     use_compile = config.compile if config.compile is not None else device.type == "cuda"
@@ -211,12 +229,18 @@ def run(config: Config, runtime: Runtime) -> dict:
     # --- data ----------------------------------------------------------------
     B, T = config.device_batch_size, config.max_seq_len
     loader = pretrain_batches(tokenizer, B, T, "train", base_dir=base_dir, device=device, rank=runtime.rank,
-                              world_size=runtime.world_size, resume_state=loader_state)
+                              world_size=runtime.world_size, resume_state=loader_state, long_docs=config.long_docs,
+                              dataset=config.dataset)
     consumed = {"state": loader_state}
 
     def micro_batches():
         # the state saved in a checkpoint is that of the last batch actually trained on
         for x, y, state in loader:
+            finished, before = state.get("last_epoch"), consumed["state"]
+            if finished and not (isinstance(before, dict) and before.get("last_epoch") == finished):
+                logger.event(f"data: epoch {finished['epoch']} of the train split done: "
+                             f"{100 * finished['used_fraction']:.1f}% of its {finished['dataset_tokens']:,} tokens "
+                             f"trained on (--long-docs {config.long_docs})", runtime.is_master)
             consumed["state"] = state
             yield x, y
 
@@ -228,8 +252,10 @@ def run(config: Config, runtime: Runtime) -> dict:
         # them (on the CPU) instead of re-reading and re-packing the shard each time.
         if not val_batches:
             steps = max(1, config.eval_tokens // (B * T * runtime.world_size))
+            # packed the reference's way whatever --long-docs is: one fixed val set for
+            # every run, comparable with base-loss and with runs from before --long-docs
             val = pretrain_batches(tokenizer, B, T, "val", base_dir=base_dir, device="cpu",
-                                   rank=runtime.rank, world_size=runtime.world_size)
+                                   rank=runtime.rank, world_size=runtime.world_size, dataset=config.dataset)
             try:
                 val_batches.extend((x, y) for x, y, _ in one_pass(val, steps))
             finally:
@@ -315,6 +341,15 @@ def run(config: Config, runtime: Runtime) -> dict:
         "peak_memory_mib": peak_memory_bytes(device) / 2 ** 20, "checkpoint_dir": str(ckpt_dir),
         "samples": samples,
     }
+    if isinstance(consumed["state"], dict):  # (a list of every rank's states only before the first step)
+        state = consumed["state"]
+        metrics["data_epoch"] = state["epoch"]
+        metrics["data_used_fraction"] = used_fraction(state)
+        if "last_epoch" in state:
+            metrics["data_last_epoch_used_fraction"] = state["last_epoch"]["used_fraction"]
+        if runtime.is_master:
+            log.info("data: %.1f%% of the dataset tokens handed to packing were trained on (--long-docs %s; "
+                     "the reader is in epoch %d)", 100 * metrics["data_used_fraction"], config.long_docs, state["epoch"])
     if runtime.is_master:
         log.info("peak memory %.0f MiB; training time %.1f s; val bpb %s", metrics["peak_memory_mib"],
                  metrics["train_time_s"], f"{val_bpb:.4f}" if val_bpb is not None else "n/a")

@@ -1,7 +1,8 @@
 """Compare the trained tokenizer's compression with GPT-2's and GPT-4's.
 
 Compression is bytes of UTF-8 text per token (higher is better), measured on short
-news, code, math and Korean samples and on the start of the train and val shards.
+news, code, math and Korean samples and on the start of the train and val shards (of
+the downloaded web text, or of the named --dataset).
 GPT-2 ("gpt2") and GPT-4 ("cl100k_base") come from tiktoken; offline, point
 TIKTOKEN_CACHE_DIR at a directory holding tiktoken's cached encoding files.
 """
@@ -86,15 +87,16 @@ SAMPLES = [("news", NEWS_TEXT), ("code", CODE_TEXT), ("math", MATH_TEXT), ("kore
 @dataclass
 class Config:
     shard_chars: int = option(1_000_000, "characters from the start of the train and of the val shards to measure")
+    dataset: str | None = option(None, "measure on the named dataset built by `nanochat ingest` instead of the downloaded web text")
 
     def validate(self) -> None:
         check([] if self.shard_chars > 0 else [f"--shard-chars must be positive, got {self.shard_chars}"])
 
 
-def _shard_sample(base_dir, split: str, max_chars: int) -> str:
+def _shard_sample(base_dir, split: str, max_chars: int, dataset: str | None = None) -> str:
     """The first documents of a split, joined by newlines, cut to `max_chars`."""
     docs, total = [], 0
-    for batch in parquets_iter_batched(split, base_dir):
+    for batch in parquets_iter_batched(split, base_dir, dataset=dataset):
         for doc in batch:
             docs.append(doc)
             total += len(doc) + 1
@@ -143,7 +145,7 @@ def run(config: Config, runtime: Runtime) -> dict:
         tokenizers[label] = Tokenizer.from_pretrained(name)
     texts = list(SAMPLES)
     for split in ("train", "val"):
-        sample = _shard_sample(runtime.base_dir, split, config.shard_chars)
+        sample = _shard_sample(runtime.base_dir, split, config.shard_chars, config.dataset)
         if sample:
             texts.append((split, sample))
     results = {label: measure(tok, texts) for label, tok in tokenizers.items()}

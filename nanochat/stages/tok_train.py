@@ -1,7 +1,8 @@
 """Train the BPE tokenizer on the pretraining shards.
 
 Reads documents from <base_dir>/base_data/ (every shard but the last, which is held out
-for validation), crops each to --doc-cap characters, stops after --max-chars characters,
+for validation) or from the named --dataset (<base_dir>/datasets/NAME/, its train
+shards), crops each to --doc-cap characters, stops after --max-chars characters,
 learns --vocab-size tokens (9 of them special) with rustbpe, and writes
 <base_dir>/tokenizer/tokenizer.pkl and token_bytes.pt.
 """
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 from nanochat.common import Runtime
 from nanochat.config import check, option, to_dict
-from nanochat.dataset import tokenizer_train_texts
+from nanochat.dataset import data_dir, tokenizer_train_texts
 from nanochat.report import log_section
 from nanochat.tokenizer import SPECIAL_TOKENS, TOKENIZER_SUBDIR, Tokenizer
 
@@ -29,6 +30,7 @@ class Config:
     max_chars: int = option(2_000_000_000, "train on at most this many characters")
     doc_cap: int = option(10_000, "crop each document to this many characters")
     vocab_size: int = option(32768, "vocabulary size, special tokens included")
+    dataset: str | None = option(None, "train on the named dataset built by `nanochat ingest` instead of the downloaded web text")
 
     def validate(self) -> None:
         problems = []
@@ -57,12 +59,12 @@ class _Counter:
 
 def run(config: Config, runtime: Runtime) -> dict:
     config.validate()
-    stream = _Counter(tokenizer_train_texts(runtime.base_dir, config.max_chars, config.doc_cap))
+    stream = _Counter(tokenizer_train_texts(runtime.base_dir, config.max_chars, config.doc_cap, config.dataset))
     t0 = time.perf_counter()
     tokenizer = Tokenizer.train_from_iterator(stream, config.vocab_size)
     train_time = time.perf_counter() - t0
     if stream.docs == 0:
-        raise ValueError(f"the training shards in {runtime.base_dir / 'base_data'} hold no text")
+        raise ValueError(f"the training shards in {data_dir(runtime.base_dir, config.dataset)} hold no text")
     log.info("trained on %s characters (%s documents) in %.2fs", f"{stream.chars:,}", f"{stream.docs:,}", train_time)
 
     decoded = tokenizer.decode(tokenizer.encode(_SANITY_TEXT))
