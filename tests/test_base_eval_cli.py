@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from corebundle import mini_core_bundle
 from nanochat import cli
 from nanochat.common import Runtime
 from nanochat.core_eval import load_task_specs
@@ -147,15 +148,7 @@ def test_hf_model_core(bundle, tmp_path, shared_data):
     tok.save_pretrained(hf_dir)
 
     base = tmp_path / "base"
-    sub = base / "eval_bundle"
-    for name in ("core.yaml", "eval_meta_data.csv"):
-        sub.mkdir(parents=True, exist_ok=True)
-        shutil.copy(bundle / name, sub / name)
-    specs = {s.label: s for s in load_task_specs(bundle)}
-    for label in ("copa", "arc_easy", "bigbench_operators"):
-        dst = sub / "eval_data" / specs[label].dataset_uri
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(bundle / "eval_data" / specs[label].dataset_uri, dst)
+    mini_core_bundle(bundle, base)
     runtime = Runtime(device=torch.device("cpu"), dtype=torch.float32, base_dir=base)
     metrics = base_eval.run(base_eval.Config(eval="core,sample", max_per_task=4, hf_path=str(hf_dir)), runtime)
     assert "samples" not in metrics  # sampling uses our KV-cache engine

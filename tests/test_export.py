@@ -445,23 +445,16 @@ def test_core_of_export_equals_native(exports, shared_data, tmp_path, monkeypatc
     it without --trust-remote-code; changed by one byte, it is refused without the flag."""
     import shutil
 
-    from nanochat.core_eval import load_task_specs
+    from corebundle import mini_core_bundle
     from nanochat.stages import base_eval
 
     tiny_base, tag, out = exports["tiny"]
     bundle = shared_data / "core_eval" / "eval_bundle"
     base = tmp_path / "base"
-    sub = base / "eval_bundle"
-    sub.mkdir(parents=True)
+    base.mkdir(parents=True)
     for name in ("tokenizer", "base_checkpoints"):
         (base / name).symlink_to(tiny_base / name, target_is_directory=True)
-    for name in ("core.yaml", "eval_meta_data.csv"):
-        shutil.copy(bundle / name, sub / name)
-    specs = {s.label: s for s in load_task_specs(bundle)}
-    for label in ("copa", "arc_easy", "bigbench_operators"):
-        dst = sub / "eval_data" / specs[label].dataset_uri
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(bundle / "eval_data" / specs[label].dataset_uri, dst)
+    mini_core_bundle(bundle, base)
     runtime = _runtime(base)
     native = base_eval.run(base_eval.Config(eval="core", max_per_task=4, tag=tag), runtime)
     exported = base_eval.run(base_eval.Config(eval="core", max_per_task=4, hf_path=str(out)), runtime)
