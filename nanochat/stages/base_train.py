@@ -26,8 +26,8 @@ import torch
 from nanochat import scaling
 from nanochat.common import Runtime, peak_flops, release_free_memory
 from nanochat.config import check, option, to_dict
-from nanochat.training import (StepLogger, Timer, apply_schedule, find_resume_step, make_sinks, optimizer_step,
-                               peak_memory_bytes, restore_checkpoint, train_loop)
+from nanochat.training import (StepLogger, Timer, apply_schedule, find_resume_step, make_grad_scaler, make_sinks,
+                               optimizer_step, peak_memory_bytes, restore_checkpoint, train_loop)
 
 log = logging.getLogger("nanochat.base_train")
 
@@ -38,7 +38,8 @@ class Config:
     aspect_ratio: int = option(64, "model width = depth × aspect ratio (rounded up to a multiple of --head-dim)")
     head_dim: int = option(128, "channels per attention head")
     max_seq_len: int = option(2048, "context length in tokens")
-    window_pattern: str = option("SSSL", "sliding-window pattern tiled over layers: L = full context, S = half (the last layer is always L)")
+    window_pattern: str = option("SSSL", "sliding-window pattern tiled over layers: L = full context, S = a quarter "
+                                         "of it rounded up to 128 (the last layer is always L)")
     # data
     dataset: str | None = option(None, "train on this named dataset (built by `nanochat ingest`) instead of the downloaded web text")
     long_docs: str = option("split", "a document longer than the room left in a row: 'split' it (its rest starts a later row; "
@@ -224,7 +225,7 @@ def run(config: Config, runtime: Runtime) -> dict:
     use_compile = config.compile if config.compile is not None else device.type == "cuda"
     if use_compile:
         train_model = torch.compile(model, dynamic=False)
-    scaler = torch.amp.GradScaler() if runtime.dtype == torch.float16 else None
+    scaler = make_grad_scaler(runtime)
 
     # --- data ----------------------------------------------------------------
     B, T = config.device_batch_size, config.max_seq_len
