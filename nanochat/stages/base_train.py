@@ -283,6 +283,15 @@ def run(config: Config, runtime: Runtime) -> dict:
     samples: list[str] = []
 
     def evaluate_due(step: int, last: bool) -> None:
+        # evaluation (bpb, CORE, samples) runs the plain compute-dtype matmuls, as the
+        # reference's does: fp8 is for training throughput, not for the numbers we report
+        if config.fp8:
+            from nanochat.fp8 import disable_fp8
+            with disable_fp8(model):
+                return _evaluate_due(step, last)
+        return _evaluate_due(step, last)
+
+    def _evaluate_due(step: int, last: bool) -> None:
         nonlocal val_bpb, min_val_bpb, core_results, samples
         if (config.eval_every and step % config.eval_every == 0) or last:
             val_bpb = evaluate()
