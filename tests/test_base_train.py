@@ -221,3 +221,19 @@ def test_torchrun_two_processes_match_one(trained_tok_dir, tmp_path):
     ckpt = two / "base_checkpoints" / "d2"
     assert (ckpt / "optim_000004_rank0.pt").is_file() and (ckpt / "optim_000004_rank1.pt").is_file()
     assert len(list(ckpt.glob("model_*.pt"))) == 1
+
+
+@pytest.mark.slow
+def test_reference_minus_one_means_never(trained_tok_dir, tmp_path):
+    """A reference command line's `-1` keeps its meaning: no evaluation, CORE or samples at
+    all, and checkpoints only at the end; below -1 is an error."""
+    base = _fresh_base(trained_tok_dir, tmp_path / "run")
+    never = ["--eval-every", "-1", "--core-metric-every", "-1", "--sample-every", "-1", "--save-every", "-1"]
+    assert cli.main(["base-train", *TOY, "--num-iterations", "3", *never, "--base-dir", str(base)]) == 0
+    ckpt_dir = base / "base_checkpoints" / "d2"
+    assert {p.name for p in ckpt_dir.glob("meta_*.json")} == {"meta_000003.json"}
+    records = [json.loads(line) for line in (ckpt_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [0, 1, 2]
+    assert not any("val_bpb" in r or "core" in r for r in records)
+    assert json.loads((ckpt_dir / "meta_000003.json").read_text())["val_bpb"] is None
+    assert cli.main(["base-train", *TOY, "--eval-every", "-2", "--base-dir", str(base)]) == 2

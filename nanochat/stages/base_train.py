@@ -61,12 +61,12 @@ class Config:
     warmdown_ratio: float = option(0.65, "fraction of the run spent in the final linear LR warmdown")
     final_lr_frac: float = option(0.05, "LR at the end of warmdown, as a fraction of the peak")
     # evaluation and output
-    eval_every: int = option(250, "measure val bits per byte every N steps (0: only at the end)")
+    eval_every: int = option(250, "measure val bits per byte every N steps (0: only at the end; -1: never)")
     eval_tokens: int = option(80 * 524288, "tokens of the val shard per evaluation")
-    core_metric_every: int = option(2000, "measure CORE every N steps (0: never)")
+    core_metric_every: int = option(2000, "measure CORE every N steps and at the end (0 or -1: never)")
     core_metric_max_per_task: int = option(500, "items per task for CORE during training")
-    sample_every: int = option(2000, "print samples of the fixed prompts every N steps (0: never)")
-    save_every: int = option(0, "save a checkpoint every N steps (0: only at the end)")
+    sample_every: int = option(2000, "print samples of the fixed prompts every N steps and at the end (0 or -1: never)")
+    save_every: int = option(0, "save a checkpoint every N steps (0 or -1: only at the end)")
     model_tag: str | None = option(None, "checkpoint directory name (default: d<depth>)")
     resume_from_step: int | None = option(None, "continue a run from its checkpoint at this step")
     resume: str | None = option(None, "'latest': continue from the newest complete checkpoint of this tag")
@@ -88,9 +88,11 @@ class Config:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 p.append(f"--{name.replace('_', '-')} must be positive (got {v})")
-        for name in ("eval_every", "core_metric_every", "sample_every", "save_every", "eval_tokens"):
-            if getattr(self, name) < 0:
-                p.append(f"--{name.replace('_', '-')} must be >= 0 (0 disables it)")
+        for name in ("eval_every", "core_metric_every", "sample_every", "save_every"):
+            if getattr(self, name) < -1:
+                p.append(f"--{name.replace('_', '-')} must be >= 0, or -1 for never (as in the reference)")
+        if self.eval_tokens < 0:
+            p.append("--eval-tokens must be >= 0")
         if not self.window_pattern or set(self.window_pattern.upper()) - {"S", "L"}:
             p.append(f"--window-pattern must be a string of S and L (got {self.window_pattern!r})")
         if not 0 <= self.warmdown_ratio <= 1:
@@ -293,11 +295,11 @@ def run(config: Config, runtime: Runtime) -> dict:
 
     def _evaluate_due(step: int, last: bool) -> None:
         nonlocal val_bpb, min_val_bpb, core_results, samples
-        if (config.eval_every and step % config.eval_every == 0) or last:
+        if config.eval_every >= 0 and ((config.eval_every and step % config.eval_every == 0) or last):
             val_bpb = evaluate()
             min_val_bpb = min(min_val_bpb, val_bpb)
             logger.event(f"step {step} | val bpb {val_bpb:.4f}", runtime.is_master, step=step, val_bpb=val_bpb)
-        if config.core_metric_every and (last or (step > 0 and step % config.core_metric_every == 0)):
+        if config.core_metric_every > 0 and (last or (step > 0 and step % config.core_metric_every == 0)):
             from nanochat.core_eval import ensure_eval_bundle, evaluate_core
             model.eval()
             core_results = evaluate_core(model, tokenizer, device, ensure_eval_bundle(base_dir),
@@ -306,7 +308,7 @@ def run(config: Config, runtime: Runtime) -> dict:
             model.train()
             logger.event(f"step {step} | CORE {core_results['core']:.4f}", runtime.is_master,
                          step=step, core=core_results["core"])
-        if config.sample_every and runtime.is_master and (last or (step > 0 and step % config.sample_every == 0)):
+        if config.sample_every > 0 and runtime.is_master and (last or (step > 0 and step % config.sample_every == 0)):
             model.eval()
             samples = complete_prompts(model, tokenizer, SAMPLE_PROMPTS)
             model.train()
@@ -337,7 +339,7 @@ def run(config: Config, runtime: Runtime) -> dict:
 
     t_start = time.time()
     _, record = train_loop(step=step, model=model, optimizer=optimizer, runtime=runtime, logger=logger,
-                           ckpt_dir=ckpt_dir, save_every=config.save_every, resume_step=resume_step,
+                           ckpt_dir=ckpt_dir, save_every=max(config.save_every, 0), resume_step=resume_step,
                            is_last=lambda step: step == plan.num_iterations, evaluate=evaluate_due,
                            checkpoint_meta=checkpoint_meta, train_step=train_step, close=micro.close)
 

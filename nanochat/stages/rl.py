@@ -64,10 +64,10 @@ class Config:
     weight_decay: float = option(0.0, "weight decay")
     init_lr_frac: float = option(0.05, "every group starts at this fraction of its learning rate")
     # evaluation and output
-    eval_every: int = option(60, "measure pass@k on GSM8K test every N steps (0: only at the end)")
+    eval_every: int = option(60, "measure pass@k on GSM8K test every N steps (0: only at the end; -1: never)")
     eval_examples: int = option(400, "GSM8K test questions per evaluation")
     eval_samples: int = option(8, "answers sampled per test question, in one batch: pass@1 .. pass@N")
-    save_every: int = option(60, "save a checkpoint every N steps (0: only at the end)")
+    save_every: int = option(60, "save a checkpoint every N steps (0 or -1: only at the end)")
     resume_from_step: int | None = option(None, "continue a run from its RL checkpoint at this step")
     resume: str | None = option(None, "'latest': continue from the newest RL checkpoint of the output tag")
     seed: int = option(42, "seed of the sampling (rollouts of a given step and question are reproducible)")
@@ -81,9 +81,11 @@ class Config:
                 p.append(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
         if self.num_steps is not None and self.num_steps < 1:
             p.append(f"--num-steps must be positive (got {self.num_steps})")
-        for name in ("eval_every", "save_every", "top_k"):
-            if getattr(self, name) < 0:
-                p.append(f"--{name.replace('_', '-')} must be >= 0 (0 disables it)")
+        for name in ("eval_every", "save_every"):
+            if getattr(self, name) < -1:
+                p.append(f"--{name.replace('_', '-')} must be >= 0, or -1 for never (as in the reference)")
+        if self.top_k < 0:
+            p.append("--top-k must be >= 0 (0 disables it)")
         if self.temperature <= 0:
             p.append(f"--temperature must be > 0 (got {self.temperature}): RL learns from the differences "
                      "between sampled answers, and greedy decoding samples the same answer every time")
@@ -343,7 +345,8 @@ def run(config: Config, runtime: Runtime) -> dict:
 
     def evaluate_due(step: int, last: bool) -> None:
         nonlocal last_eval
-        if ((config.eval_every and step % config.eval_every == 0) or last) and last_eval.get("step") != step:
+        if (config.eval_every >= 0 and ((config.eval_every and step % config.eval_every == 0) or last)
+                and last_eval.get("step") != step):
             passk = pass_at_k()
             last_eval = {"step": step, **passk}
             k = config.eval_samples
@@ -383,7 +386,7 @@ def run(config: Config, runtime: Runtime) -> dict:
 
     t_start = time.time()
     step, record = train_loop(step=step, model=model, optimizer=optimizer, runtime=runtime, logger=logger,
-                              ckpt_dir=ckpt_dir, save_every=config.save_every, resume_step=resume_step,
+                              ckpt_dir=ckpt_dir, save_every=max(config.save_every, 0), resume_step=resume_step,
                               is_last=lambda step: step == num_steps, evaluate=evaluate_due,
                               checkpoint_meta=checkpoint_meta, train_step=train_step)
 

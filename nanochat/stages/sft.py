@@ -92,13 +92,13 @@ class Config:
     identity_url: str | None = option(None, "where to download identity_conversations.jsonl when <base_dir> lacks it "
                                       "[automatic: the reference's; file:// works]")
     # evaluation and output
-    eval_every: int = option(200, "measure val bits per byte every N steps (0: only at the end)")
+    eval_every: int = option(200, "measure val bits per byte every N steps (0: only at the end; -1: never)")
     eval_tokens: int = option(40 * 524288, "tokens of the val mixture per evaluation")
-    chatcore_every: int = option(200, "measure ChatCORE every N steps and at the end (0: never)")
+    chatcore_every: int = option(200, "measure ChatCORE every N steps and at the end (0 or -1: never)")
     chatcore_max_problems: int = option(24, "problems per generative task (GSM8K, HumanEval, SpellingBee) in ChatCORE")
     chatcore_max_categorical: int | None = option(None, "problems per multiple-choice task in ChatCORE [automatic: all]")
     chatcore_max_new_tokens: int = option(512, "longest completion sampled for ChatCORE")
-    save_every: int = option(0, "save a checkpoint every N steps (0: only at the end)")
+    save_every: int = option(0, "save a checkpoint every N steps (0 or -1: only at the end)")
     resume_from_step: int | None = option(None, "continue an SFT run from its checkpoint at this step")
     resume: str | None = option(None, "'latest': continue from the newest complete SFT checkpoint of this tag")
     run: str | None = option(None, "wandb run name; logging to wandb is on only when given")
@@ -119,9 +119,11 @@ class Config:
         if self.warmup_ratio + self.warmdown_ratio > 1:
             p.append(f"--warmup-ratio + --warmdown-ratio must be at most 1 "
                      f"(got {self.warmup_ratio + self.warmdown_ratio})")
-        for name in ("eval_every", "chatcore_every", "save_every", "eval_tokens"):
-            if getattr(self, name) < 0:
-                p.append(f"--{name.replace('_', '-')} must be >= 0 (0 disables it)")
+        for name in ("eval_every", "chatcore_every", "save_every"):
+            if getattr(self, name) < -1:
+                p.append(f"--{name.replace('_', '-')} must be >= 0, or -1 for never (as in the reference)")
+        if self.eval_tokens < 0:
+            p.append("--eval-tokens must be >= 0")
         for name in ("chatcore_max_problems", "chatcore_max_new_tokens"):
             if getattr(self, name) < 1:
                 p.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
@@ -424,11 +426,11 @@ def run(config: Config, runtime: Runtime) -> dict:
 
     def evaluate_due(step: int, last: bool) -> None:
         nonlocal val_bpb, min_val_bpb, chatcore_results
-        if (config.eval_every and step % config.eval_every == 0) or last:
+        if config.eval_every >= 0 and ((config.eval_every and step % config.eval_every == 0) or last):
             val_bpb = evaluate_val()
             min_val_bpb = min(min_val_bpb, val_bpb)
             logger.event(f"step {step} | val bpb {val_bpb:.4f}", runtime.is_master, step=step, val_bpb=val_bpb)
-        if config.chatcore_every and (last or (step > 0 and step % config.chatcore_every == 0)):
+        if config.chatcore_every > 0 and (last or (step > 0 and step % config.chatcore_every == 0)):
             chatcore_results = evaluate_chatcore(
                 model, tokenizer, max_problems=config.chatcore_max_problems,
                 max_problems_categorical=config.chatcore_max_categorical, batch_size=B,
@@ -468,7 +470,7 @@ def run(config: Config, runtime: Runtime) -> dict:
 
     t_start = time.time()
     step, record = train_loop(step=step, model=model, optimizer=optimizer, runtime=runtime, logger=logger,
-                              ckpt_dir=ckpt_dir, save_every=config.save_every, resume_step=resume_step,
+                              ckpt_dir=ckpt_dir, save_every=max(config.save_every, 0), resume_step=resume_step,
                               is_last=is_last, evaluate=evaluate_due, checkpoint_meta=checkpoint_meta,
                               train_step=train_step)
 
