@@ -141,7 +141,7 @@ def test_rollout_seeds_are_reproducible_and_distinct():
 
 
 def test_config_validation_lists_problems():
-    cfg = rl.Config(num_samples=1, temperature=0.0, resume="first", eval_every=-1)
+    cfg = rl.Config(num_samples=1, temperature=0.0, resume="first", eval_every=-2)  # -1 is the reference's "never"
     with pytest.raises(ValueError) as e:
         cfg.validate()
     msg = str(e.value)
