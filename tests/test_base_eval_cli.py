@@ -180,3 +180,23 @@ def test_hf_path_without_transformers_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_transformers)
     with pytest.raises(ValueError, match="pip install"):
         base_eval.load_hf_model(str(tmp_path), torch.device("cpu"))
+
+
+def test_hf_path_hub_id_offline_and_missing_paths_are_clear_errors(tmp_path):
+    """A hub id is fetched through transformers (never contacted here: offline mode); an
+    unreachable one, and a path that does not exist, are each a clear FileNotFoundError
+    (which the CLI prints as one line, exit 2)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    # a fresh process, so the hub library reads offline mode (and the empty cache) at import
+    code = ("import torch\nfrom nanochat.stages import base_eval\n"
+            "try:\n    base_eval.load_hf_model('nobody-here/no-such-model', torch.device('cpu'))\n"
+            "except FileNotFoundError as e:\n    print('refused:', e)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "refused: --hf-path nobody-here/no-such-model: could not load it" in out.stdout, out.stderr[-2000:]
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        base_eval.load_hf_model(str(tmp_path / "missing"), torch.device("cpu"))
