@@ -329,14 +329,15 @@ _MEASURED_PEAK: dict[tuple[str, torch.dtype], float] = {}
 
 
 def measure_peak_matmul_flops(device: torch.device, dtype: torch.dtype,
-                              sizes: tuple[int, ...] = (512, 1024, 2048, 4096),
+                              sizes: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096),
                               trial_seconds: float = 0.05, trials: int = 3, budget_seconds: float = 1.2) -> float:
     """Achievable dense matmul FLOP/s on `device` in `dtype` (cached per process): the MFU
     denominator where no datasheet figure is known (CPUs).
 
     One shape is a poor probe: on CPUs fp32 peaks on cache-sized matrices while bf16 (AMX)
     needs large ones to amortise its tile setup, and the rate is not monotonic in the size
-    (on 2 cores bf16 gave 1.1, 1.3, 2.1, 1.7 TFLOP/s at 512..4096). So square matmuls of
+    (on 2 cores bf16 gave 1.1, 1.3, 2.1, 1.7 TFLOP/s at 512..4096); emulated bf16 (AVX2 only)
+    is fastest on the smallest (2.4 GFLOP/s at 64, 1.3 at 512). So square matmuls of
     every size are timed, each in `trials` trials of about `trial_seconds`, and the best
     rate of any trial counts (the best, not the mean: the device's capability, not the
     noise of a shared machine). A size whose trials would overrun `budget_seconds` (judged

@@ -26,6 +26,13 @@ def pytest_configure(config):
     torch.set_num_threads(1)
     # tiktoken's GPT-2/GPT-4 encodings, offline
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken" / "cache"))
+    # a test that names no base dir writes into a throw-away one, never ~/.cache/nanochat
+    # (whose cached peak FLOP/s from an earlier, busier run once pushed an MFU above 100%)
+    import shutil
+    import tempfile
+    scratch = tempfile.mkdtemp(prefix="nanochat-tests-")
+    os.environ["NANOCHAT_BASE_DIR"] = scratch
+    config.add_cleanup(lambda: shutil.rmtree(scratch, ignore_errors=True))
     if not SHARED_DATA.is_dir():
         raise pytest.UsageError(f"the real test data is expected at {SHARED_DATA} (../shared/data beside the repo)")
 
