@@ -95,41 +95,14 @@ def tiny_base_checkpoint(tiny_tokenizer_dir, tiny_tokenizer, tmp_path_factory) -
     base_checkpoints/d2/ step 20: a 2-layer, 64-wide GPT (sequence_len 128) trained for
     20 steps of batch 4 x 128 real OpenStax tokens with the model's own optimizer.
     Load it with `checkpoint.load_model("base", base_dir, "cpu")`. Read-only."""
-    import dataclasses
+    from nanochat.gpt import GPTConfig
+    from smallmodels import train_checkpoint
 
-    import torch
-
-    from nanochat.checkpoint import checkpoint_dir, save_checkpoint
-    from nanochat.dataloader import pretrain_batches
-    from nanochat.gpt import GPTConfig, build_model
-
-    base = tmp_path_factory.mktemp("tiny_base_checkpoint")
-    (base / "tokenizer").symlink_to(tiny_tokenizer_dir / "tokenizer", target_is_directory=True)
-    torch.manual_seed(0)
     config = GPTConfig(sequence_len=128, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=2, n_head=2,
                        n_kv_head=2, n_embd=64, window_pattern="L")
-    model = build_model(config, "cpu", torch.float32)
-    optimizer = model.setup_optimizer()
-    # a small document buffer: the default (1000 long OpenStax chapters) takes seconds to tokenize
-    batches = pretrain_batches(tiny_tokenizer, 4, 128, "train", base_dir=tiny_tokenizer_dir, buffer_size=16,
-                               tokenizer_batch_size=16, prefetch=1)
-    losses = []
-    # one thread: matrices this small gain nothing from more, and on a busy machine
-    # spinning OpenMP workers made these 20 steps ~20x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for _, (inputs, targets, _) in zip(range(20), batches):
-            loss = model(inputs, targets)
-            loss.backward()
-            optimizer.step()
-            model.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-    finally:
-        batches.close()
-        torch.set_num_threads(threads)
+    base = tmp_path_factory.mktemp("tiny_base_checkpoint")
+    losses = train_checkpoint(tiny_tokenizer_dir, tiny_tokenizer, base, "d2", config, steps=20, batch=4, seed=0,
+                              meta={"val_bpb": None, "user_config": {"fixture": "tiny_base_checkpoint"}})
     assert losses[-1] < losses[0] - 0.5, f"the tiny model did not learn: {losses}"
-    meta = {"step": 20, "val_bpb": None, "model_config": dataclasses.asdict(config),
-            "user_config": {"fixture": "tiny_base_checkpoint"}, "train_losses": losses}
-    save_checkpoint(checkpoint_dir(base, "base", "d2"), 20, model.state_dict(), None, meta)
     return base
+

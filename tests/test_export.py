@@ -3,7 +3,6 @@ and computes what our model computes; the tokenizer and chat template give our i
 round trip is lossless; bad input fails cleanly."""
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import os
@@ -18,12 +17,13 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from nanochat.checkpoint import checkpoint_dir, load_checkpoint, load_model, save_checkpoint  # noqa: E402
+from nanochat.checkpoint import checkpoint_dir, load_checkpoint, load_model  # noqa: E402
 from nanochat.common import Runtime  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
 from nanochat.export import hf  # noqa: E402
 from nanochat.stages import export as export_stage  # noqa: E402
 from nanochat.cli import main  # noqa: E402
+from smallmodels import train_checkpoint  # noqa: E402
 from nanochat.stages import import_hf as import_stage  # noqa: E402
 
 TEXTS = [
@@ -79,28 +79,13 @@ def _ids(x):
 def swa_checkpoint(tiny_tokenizer_dir, tiny_tokenizer, tmp_path_factory) -> Path:
     """A base dir with a 3-layer GQA model (4 query heads, 2 kv heads) whose first two
     layers use sliding windows ("S" = 128 of a 256 context), trained 8 steps on OpenStax."""
-    from nanochat.dataloader import pretrain_batches
-    from nanochat.gpt import GPTConfig, build_model
+    from nanochat.gpt import GPTConfig
 
-    base = tmp_path_factory.mktemp("swa_base")
-    (base / "tokenizer").symlink_to(tiny_tokenizer_dir / "tokenizer", target_is_directory=True)
-    torch.manual_seed(1)
     config = GPTConfig(sequence_len=256, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=3, n_head=4,
                        n_kv_head=2, n_embd=64, window_pattern="SSL")
-    model = build_model(config, "cpu", torch.float32)
-    optimizer = model.setup_optimizer()
-    batches = pretrain_batches(tiny_tokenizer, 2, 256, "train", base_dir=tiny_tokenizer_dir, buffer_size=8,
-                               tokenizer_batch_size=8, prefetch=1)
-    try:
-        for _, (inputs, targets, _) in zip(range(8), batches):
-            model(inputs, targets).backward()
-            optimizer.step()
-            model.zero_grad(set_to_none=True)
-    finally:
-        batches.close()
-    meta = {"step": 8, "model_config": dataclasses.asdict(config), "user_config": {"fixture": "swa"},
-            "total_batch_size": 512}
-    save_checkpoint(checkpoint_dir(base, "base", "s3"), 8, model.state_dict(), None, meta)
+    base = tmp_path_factory.mktemp("swa_base")
+    train_checkpoint(tiny_tokenizer_dir, tiny_tokenizer, base, "s3", config, steps=8, batch=2, seed=1,
+                     meta={"user_config": {"fixture": "swa"}, "total_batch_size": 512})
     return base
 
 
