@@ -145,9 +145,12 @@ class Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         # the dtype test skips a no-op .to() call: decoding one token runs dozens of
         # matmuls whose per-call overhead is comparable to their arithmetic
-        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
-        bias = None if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
-        return F.linear(x, w, bias if bias is not None else self.bias)
+        w, b = self.weight, self.bias
+        if w.dtype != x.dtype:
+            w = w.to(x.dtype)
+        if b is not None and b.dtype != x.dtype:
+            b = b.to(x.dtype)
+        return F.linear(x, w, b)
 
 
 def has_value_embedding(layer: int, n_layer: int) -> bool:
