@@ -322,6 +322,11 @@ def test_bench_sandbox_stage(shared_data, tmp_path, capsys):
     metrics = bench_sandbox.run(config, runtime)
     assert metrics["humaneval_programs"] == 2 and metrics["humaneval_guard_passed"] == 2
     assert metrics["guard_median_ms"] > 0 and "median" in capsys.readouterr().out
+    # and through the command, whose last stdout line is the same JSON
+    from nanochat import cli
+    assert cli.main(["bench-sandbox", "--runs", "2", "--humaneval-file", str(subset), "--base-dir", str(tmp_path)]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["humaneval_programs"] == 2 and line["humaneval_guard_passed"] == 2
     if "namespaces_median_ms" in metrics:  # where the kernel allows them
         assert metrics["humaneval_namespaces_passed"] == 2 and "overhead_median_ms" in metrics
     with pytest.raises(ValueError, match="--runs"):

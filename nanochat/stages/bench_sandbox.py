@@ -108,4 +108,5 @@ def run(config: Config, runtime: Runtime) -> dict:
             lines.append(f"  {iso:<11} {seconds:7.2f} s   pass@1 {passed}/{len(programs)}")
     if runtime.is_master:
         print("\n".join(lines), flush=True)
+        print(json.dumps(metrics), flush=True)  # last line: every number, as the other benchmarks do
     return metrics
