@@ -107,7 +107,10 @@ def test_chat_page_streams_regenerates_edits_and_stops(live, browser):
     b.js("document.querySelectorAll('.msg.user')[0].querySelector('[data-action=edit]').click()")
     b.wait_for("!!document.querySelector('.edit textarea')")
     b.js("(() => { const t = document.querySelector('.edit textarea'); t.value = 'Edited question'; })()")
-    b.click("[data-action=save-edit]")
+    # a DOM click, like the edit button's above: a coordinate click could land before the
+    # freshly laid-out button was there on a loaded machine (seen twice in CI)
+    b.wait_for("!!document.querySelector('[data-action=save-edit]')")
+    b.js("document.querySelector('[data-action=save-edit]').click()")
     wait_reply(b, 3)
     assert b.js("[...document.querySelectorAll('.msg.user .bubble')].map(e => e.textContent)") == ["Edited question"]
     assert b.js("document.querySelectorAll('.msg.assistant').length") == 1
