@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nanochat.errors import UserError
+
 log = logging.getLogger("nanochat.attention")
 
 _BACKENDS = ("auto", "fa3", "sdpa")
@@ -114,7 +116,7 @@ def select_backend(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]
         return False, "attention: PyTorch SDPA (forced)"
     if _backend == "fa3":
         if not fa3_available():
-            raise RuntimeError(f"attention backend 'fa3' was forced but FA3 is unavailable: {_load_fa3()[1]}")
+            raise UserError(f"attention backend 'fa3' was forced but FA3 is unavailable: {_load_fa3()[1]}")
         return True, "attention: Flash Attention 3 (forced)"
     if device.type != "cuda":
         return False, f"attention: PyTorch SDPA (FA3 needs a Hopper GPU; tensors are on {device.type})"

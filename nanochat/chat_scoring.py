@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from nanochat.errors import UserError
+
 log = logging.getLogger("nanochat.chat_scoring")
 
 TASK_NAMES = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
@@ -90,7 +92,7 @@ def load_task(task_name: str, *, base_dir=None, mirror: str | None = None):
         return HumanEval(**hub)
     if task_name == "SpellingBee":
         return SpellingBee(size=256, split="test", base_dir=base_dir)
-    raise ValueError(f"unknown chat task {task_name!r}; choose from {', '.join(TASK_NAMES)}")
+    raise UserError(f"unknown chat task {task_name!r}; choose from {', '.join(TASK_NAMES)}")
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -123,8 +125,8 @@ def _letter_ids(tokenizer, letters, cache: dict[str, int]) -> list[int]:
         if letter not in cache:
             encoded = tokenizer.encode(letter)
             if len(encoded) != 1:
-                raise ValueError(f"the answer letter {letter!r} is {len(encoded)} tokens in this tokenizer; "
-                                 "multiple-choice scoring needs every letter to be a single token")
+                raise UserError(f"the answer letter {letter!r} is {len(encoded)} tokens in this tokenizer; "
+                                "multiple-choice scoring needs every letter to be a single token")
             cache[letter] = encoded[0]
         ids.append(cache[letter])
     return ids

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import atomic_path, atomic_write_text
+from nanochat.errors import MissingInputError, UserError
 
 log = logging.getLogger("nanochat.checkpoint")
 
@@ -44,14 +45,14 @@ _META_RE = re.compile(r"meta_(\d+)\.json")
 def stage_root(base_dir: str | os.PathLike, stage: str) -> Path:
     """`<base_dir>/<stage dir>`, the folder holding one subfolder per model tag."""
     if stage not in STAGE_DIRS:
-        raise ValueError(f"unknown checkpoint stage {stage!r}; use one of {sorted(STAGE_DIRS)}")
+        raise UserError(f"unknown checkpoint stage {stage!r}; use one of {sorted(STAGE_DIRS)}")
     return Path(base_dir) / STAGE_DIRS[stage]
 
 
 def checkpoint_dir(base_dir: str | os.PathLike, stage: str, tag: str) -> Path:
     """`<base_dir>/<stage dir>/<tag>`, e.g. base_checkpoints/d12."""
     if not tag or "/" in tag or tag in (".", ".."):
-        raise ValueError(f"model tag {tag!r} must be a plain folder name such as d12")
+        raise UserError(f"model tag {tag!r} must be a plain folder name such as d12")
     return stage_root(base_dir, stage) / tag
 
 
@@ -161,12 +162,12 @@ def find_last_step(ckpt_dir: str | os.PathLike) -> int:
     """The newest complete step in `ckpt_dir`."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
-        raise FileNotFoundError(f"no checkpoint folder {ckpt_dir}: {_train_hint(ckpt_dir)}")
+        raise MissingInputError(f"no checkpoint folder {ckpt_dir}: {_train_hint(ckpt_dir)}")
     steps = complete_steps(ckpt_dir)
     if not steps:
         partial = sorted(p.name for p in ckpt_dir.glob("model_*.pt"))
         extra = f" (only incomplete saves without meta: {partial}; delete them)" if partial else ""
-        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}{extra}: {_train_hint(ckpt_dir)}")
+        raise MissingInputError(f"no complete checkpoint in {ckpt_dir}{extra}: {_train_hint(ckpt_dir)}")
     return steps[-1]
 
 
@@ -175,11 +176,11 @@ def find_largest_tag(checkpoints_dir: str | os.PathLike) -> str:
     the tag written most recently; only tags holding a complete checkpoint count."""
     root = Path(checkpoints_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"no checkpoints folder {root}: {_train_hint(root)}")
+        raise MissingInputError(f"no checkpoints folder {root}: {_train_hint(root)}")
     tags = {d.name: max(meta_path(d, s).stat().st_mtime for s in steps)
             for d in root.iterdir() if d.is_dir() and (steps := complete_steps(d))}
     if not tags:
-        raise FileNotFoundError(f"no complete checkpoint under {root}: {_train_hint(root)}")
+        raise MissingInputError(f"no complete checkpoint under {root}: {_train_hint(root)}")
     depths = {t: int(m.group(1)) for t in tags if (m := re.match(r"d(\d+)", t))}
     pool = depths or tags
     # the deepest model; among equals (or without depth tags) the newest
@@ -203,11 +204,11 @@ def latest_stage(base_dir: str | os.PathLike) -> str | None:
 
 def _torch_load(path: Path, device: torch.device | str, what: str, fix: str) -> Any:
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist; {fix}")
+        raise MissingInputError(f"{what} {path} does not exist; {fix}")
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, ...: all mean "unreadable"
-        raise ValueError(f"{what} {path} is unreadable ({type(e).__name__}: {str(e)[:200]}); {fix}") from e
+        raise UserError(f"{what} {path} is unreadable ({type(e).__name__}: {str(e)[:200]}); {fix}") from e
 
 
 def load_checkpoint(ckpt_dir: str | os.PathLike, step: int, device: torch.device | str,
@@ -217,7 +218,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, step: int, device: torch.device
     tensors mapped onto `device`."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
-        raise FileNotFoundError(f"no checkpoint folder {ckpt_dir}: {_train_hint(ckpt_dir)}")
+        raise MissingInputError(f"no checkpoint folder {ckpt_dir}: {_train_hint(ckpt_dir)}")
     complete = complete_steps(ckpt_dir)
     earlier = [s for s in complete if s < step]
     fallback = (f"resume from an earlier step (latest complete: {earlier[-1]})" if earlier
@@ -225,17 +226,17 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, step: int, device: torch.device
     mpath = meta_path(ckpt_dir, step)
     if not mpath.is_file():
         if model_path(ckpt_dir, step).is_file():
-            raise ValueError(f"checkpoint step {step} in {ckpt_dir} is incomplete ({mpath.name} is missing: the save "
-                             f"was interrupted); delete its files and {fallback}")
-        raise FileNotFoundError(f"no checkpoint at step {step} in {ckpt_dir} (complete steps: {complete or 'none'}); "
+            raise UserError(f"checkpoint step {step} in {ckpt_dir} is incomplete ({mpath.name} is missing: the save "
+                            f"was interrupted); delete its files and {fallback}")
+        raise MissingInputError(f"no checkpoint at step {step} in {ckpt_dir} (complete steps: {complete or 'none'}); "
                                 f"pick one of those or {_train_hint(ckpt_dir)}")
     fix = f"delete step {step}'s files and {fallback}"
     try:
         meta = json.loads(mpath.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"checkpoint meta {mpath} is not valid JSON ({e}); {fix}") from e
+        raise UserError(f"checkpoint meta {mpath} is not valid JSON ({e}); {fix}") from e
     if not isinstance(meta, dict):
-        raise ValueError(f"checkpoint meta {mpath} holds a {type(meta).__name__}, not an object; {fix}")
+        raise UserError(f"checkpoint meta {mpath} holds a {type(meta).__name__}, not an object; {fix}")
     model_state = _torch_load(model_path(ckpt_dir, step), device, "model checkpoint", fix)
     optim_state = None
     if load_optimizer:
@@ -300,19 +301,19 @@ def load_model(stage: str, base_dir: str | os.PathLike, device: torch.device | s
     ckpt_dir = checkpoint_dir(base_dir, stage, tag)
     if not ckpt_dir.is_dir():
         known = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
-        raise FileNotFoundError(f"no checkpoint folder {ckpt_dir} (tags present: {known or 'none'}); "
+        raise MissingInputError(f"no checkpoint folder {ckpt_dir} (tags present: {known or 'none'}); "
                                 f"pick an existing tag or {_train_hint(root)}")
     if step is None:
         step = find_last_step(ckpt_dir)
     state, _, meta = load_checkpoint(ckpt_dir, step, device)
     if not isinstance(meta.get("model_config"), dict):
-        raise ValueError(f"{meta_path(ckpt_dir, step)} has no model_config; it was not written by a training stage")
+        raise UserError(f"{meta_path(ckpt_dir, step)} has no model_config; it was not written by a training stage")
     kwargs = patch_model_config(meta["model_config"])
     known_fields = set(getattr(GPTConfig, "__dataclass_fields__", kwargs))
     unknown = sorted(set(kwargs) - known_fields)
     if unknown:
-        raise ValueError(f"{meta_path(ckpt_dir, step)} has model config keys {unknown} that this nanochat's GPTConfig "
-                         "does not know; load it with the nanochat version that trained it")
+        raise UserError(f"{meta_path(ckpt_dir, step)} has model config keys {unknown} that this nanochat's GPTConfig "
+                        "does not know; load it with the nanochat version that trained it")
     config = GPTConfig(**kwargs)
     log.info("loading %s step %d from %s: %s", stage, step, ckpt_dir, kwargs)
     model = build_model(config, device, compute_dtype)
@@ -320,10 +321,10 @@ def load_model(stage: str, base_dir: str | os.PathLike, device: torch.device | s
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{model_path(ckpt_dir, step)} does not fit the model its meta describes: {e}") from e
+        raise UserError(f"{model_path(ckpt_dir, step)} does not fit the model its meta describes: {e}") from e
     model.train(phase == "train")
     tokenizer = get_tokenizer(base_dir)
     if tokenizer.get_vocab_size() != config.vocab_size:
-        raise ValueError(f"the tokenizer in {Path(base_dir) / 'tokenizer'} has {tokenizer.get_vocab_size()} tokens but "
-                         f"the model was trained with {config.vocab_size}; use the tokenizer it was trained with")
+        raise UserError(f"the tokenizer in {Path(base_dir) / 'tokenizer'} has {tokenizer.get_vocab_size()} tokens but "
+                        f"the model was trained with {config.vocab_size}; use the tokenizer it was trained with")
     return model, tokenizer, meta

@@ -75,29 +75,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from nanochat.common import build_runtime, setup_logging
+    from nanochat.downloads import DownloadError
+    from nanochat.errors import UserError
     from nanochat.training import NonFiniteLossError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(getattr(logging, args.log_level))
     mod = _load(args._module)
+
+    def fail(e: BaseException, status: int) -> int:
+        print(f"nanochat {args.stage}: error: {e}", file=sys.stderr)
+        return status
+
+    # Only errors whose message already says what to do are cut to one line: a UserError
+    # (exit 2), a download that failed for good or a diverged run (exit 1). Anything else
+    # (a ValueError from pyarrow, an unpacking error, a shape bug) is a bug report and
+    # keeps its traceback.
     try:
         config = from_args(mod.Config, args)
         if hasattr(config, "validate"):
             config.validate()
         runtime = build_runtime(args.device_type, args.base_dir)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"nanochat {args.stage}: error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return fail(e, 2)
     try:
         metrics = mod.run(config, runtime)
-    except (ValueError, FileNotFoundError) as e:
-        # user-facing problems (bad input, missing files) get one clear line, no traceback
-        print(f"nanochat {args.stage}: error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"nanochat {args.stage}: error: {e}", file=sys.stderr)
-        return 1
+    except UserError as e:
+        return fail(e, 2)
+    except (DownloadError, NonFiniteLossError) as e:
+        return fail(e, 1)
     except KeyboardInterrupt:
         print(f"nanochat {args.stage}: interrupted", file=sys.stderr)
         return 130

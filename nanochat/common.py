@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from nanochat.errors import UserError
+
 log = logging.getLogger("nanochat")
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -108,7 +110,7 @@ def choose_compute_dtype(device_type: str) -> tuple[torch.dtype, str]:
     env = os.environ.get("NANOCHAT_DTYPE")
     if env:
         if env not in _DTYPES:
-            raise ValueError(f"NANOCHAT_DTYPE={env!r} is not one of {sorted(_DTYPES)}; unset it or pick one of those")
+            raise UserError(f"NANOCHAT_DTYPE={env!r} is not one of {sorted(_DTYPES)}; unset it or pick one of those")
         return _DTYPES[env], f"set by NANOCHAT_DTYPE={env}"
     if device_type == "cuda":
         major, minor = torch.cuda.get_device_capability()
@@ -184,9 +186,9 @@ def build_runtime(device_type: str | None = None, base_dir: str | os.PathLike | 
     """
     device_type = device_type or autodetect_device_type()
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device-type cuda was requested but this PyTorch build sees no CUDA device")
+        raise UserError("--device-type cuda was requested but this PyTorch build sees no CUDA device")
     if device_type not in ("cuda", "cpu", "mps"):
-        raise ValueError(f"device type {device_type!r} is not one of cuda, cpu, mps")
+        raise UserError(f"device type {device_type!r} is not one of cuda, cpu, mps")
     env = _torchrun_env()
     rank, local_rank, world_size = env if env else (0, 0, 1)
     distributed = env is not None and world_size > 1
@@ -207,7 +209,7 @@ def build_runtime(device_type: str | None = None, base_dir: str | os.PathLike | 
     dtype, reason = choose_compute_dtype(device_type)
     muon = os.environ.get("NANOCHAT_MUON_DTYPE")
     if muon and muon not in _DTYPES:
-        raise ValueError(f"NANOCHAT_MUON_DTYPE={muon!r} is not one of {sorted(_DTYPES)}; unset it or pick one of those")
+        raise UserError(f"NANOCHAT_MUON_DTYPE={muon!r} is not one of {sorted(_DTYPES)}; unset it or pick one of those")
     rt = Runtime(device=device, dtype=dtype, dtype_reason=reason, rank=rank,
                  local_rank=local_rank, world_size=world_size,
                  base_dir=get_base_dir(base_dir), distributed=distributed,

@@ -5,7 +5,7 @@ Every stage declares one dataclass. Each field is declared with `option(...)`, w
 `help` is the flag's help text; `None` means "automatic". `add_dataclass_args` turns the
 dataclass into argparse flags (`max_chars` → `--max-chars`), and `from_args` builds the
 dataclass back from the parsed namespace. Stages call `validate()` which gathers every
-problem and raises one `ValueError`.
+problem and raises one `UserError` (a ValueError).
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import types
 import typing
 from dataclasses import MISSING, field
 from typing import Any, Literal, get_args, get_origin
+
+from nanochat.errors import UserError
 
 
 def option(default: Any = MISSING, help: str = "", *, short: str | None = None,
@@ -101,4 +103,4 @@ def to_dict(config: Any) -> dict:
 def check(problems: list[str]) -> None:
     """Raise one ValueError listing every problem (for `validate()` methods)."""
     if problems:
-        raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        raise UserError("invalid configuration:\n  - " + "\n  - ".join(problems))

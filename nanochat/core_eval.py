@@ -56,6 +56,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from nanochat.errors import MissingInputError, UserError
+
 log = logging.getLogger("nanochat.core_eval")
 
 # Where the reference downloads its bundle from (a zip holding eval_bundle/).
@@ -90,7 +92,7 @@ def check_bundle(bundle_dir: str | os.PathLike, source: str | None = None) -> Pa
         fix = (f"delete {bundle_dir} and run again to fetch it, or point --bundle-url / ${BUNDLE_URL_ENV} "
                f"at a complete bundle" if source is None else
                f"point --bundle-url / ${BUNDLE_URL_ENV} at a complete bundle (a zip or a directory)")
-        raise FileNotFoundError(f"{where} is incomplete: missing {', '.join(missing)}; {fix}")
+        raise MissingInputError(f"{where} is incomplete: missing {', '.join(missing)}; {fix}")
     return bundle_dir
 
 
@@ -140,10 +142,10 @@ def _stage_bundle(url: str, staging: Path) -> Path:
         shutil.copytree(_bundle_root(local), dest)
         return dest
     if local is not None and not local.exists():
-        raise FileNotFoundError(f"no eval bundle at {local} (from {url!r}); give a zip or a directory "
+        raise MissingInputError(f"no eval bundle at {local} (from {url!r}); give a zip or a directory "
                                 f"holding {', '.join(REQUIRED_BUNDLE_FILES)} and eval_data/")
     if local is not None and not zipfile.is_zipfile(local):
-        raise ValueError(f"{url!r} is neither a directory nor a zip archive; give the eval bundle as one of those")
+        raise UserError(f"{url!r} is neither a directory nor a zip archive; give the eval bundle as one of those")
     if local is not None and urllib.parse.urlparse(url).scheme != "file":
         zip_path = local  # a plain path to a zip: read it where it is
     else:
@@ -152,7 +154,7 @@ def _stage_bundle(url: str, staging: Path) -> Path:
         try:
             download_file(url, zip_path, timeout=60, retries=5, validate=_validate_zip)
         except DownloadError as e:
-            raise FileNotFoundError(f"could not fetch the CORE eval bundle from {url}: {e}. Give --bundle-url or "
+            raise MissingInputError(f"could not fetch the CORE eval bundle from {url}: {e}. Give --bundle-url or "
                                     f"${BUNDLE_URL_ENV} a reachable URL, a local zip or a directory") from e
     unpacked = staging / "unpacked"
     with zipfile.ZipFile(zip_path) as zf:
@@ -162,7 +164,7 @@ def _stage_bundle(url: str, staging: Path) -> Path:
 
 def _validate_zip(path: str | os.PathLike) -> bool:
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"the downloaded eval bundle {path} is not a zip archive")
+        raise UserError(f"the downloaded eval bundle {path} is not a zip archive")
     return True
 
 
@@ -218,7 +220,7 @@ def load_task_specs(bundle_dir: str | os.PathLike) -> list[TaskSpec]:
         config = yaml.safe_load(f) or {}
     tasks = config.get("icl_tasks")
     if not tasks:
-        raise ValueError(f"{bundle_dir / 'core.yaml'} lists no icl_tasks; is it a CORE eval bundle?")
+        raise UserError(f"{bundle_dir / 'core.yaml'} lists no icl_tasks; is it a CORE eval bundle?")
     baselines = load_random_baselines(bundle_dir)
     specs, problems = [], []
     for task in tasks:
@@ -235,7 +237,7 @@ def load_task_specs(bundle_dir: str | os.PathLike) -> list[TaskSpec]:
                               num_fewshot=int(shots), continuation_delimiter=task.get("continuation_delimiter", " "),
                               random_baseline=baselines[label]))
     if problems:
-        raise ValueError(f"the eval bundle at {bundle_dir} is inconsistent:\n  - " + "\n  - ".join(problems))
+        raise UserError(f"the eval bundle at {bundle_dir} is inconsistent:\n  - " + "\n  - ".join(problems))
     return specs
 
 
@@ -345,7 +347,7 @@ def item_rows(task_type: str, token_seqs: list[list[int]], item: int) -> list[Ro
         if start != len(without):
             log.debug("item %d: the context is not a token prefix of context+continuation", item)
         return [Row(item, with_, min(start, len(with_) - 1), len(with_))]
-    raise ValueError(f"unsupported task type {task_type!r}; expected one of {TASK_TYPES}")
+    raise UserError(f"unsupported task type {task_type!r}; expected one of {TASK_TYPES}")
 
 
 def crop_left(row: Row, max_len: int) -> Row:
@@ -354,8 +356,8 @@ def crop_left(row: Row, max_len: int) -> Row:
     if excess <= 0:
         return row
     if row.start - excess < 1:
-        raise ValueError(f"item {row.item}: its {row.end - row.start} scored tokens need more context than the "
-                         f"model's limit of {max_len} tokens leaves")
+        raise UserError(f"item {row.item}: its {row.end - row.start} scored tokens need more context than the "
+                        f"model's limit of {max_len} tokens leaves")
     return Row(row.item, row.tokens[excess:], row.start - excess, row.end - excess)
 
 
@@ -461,7 +463,7 @@ def evaluate_task(model, tokenizer, items: Sequence[dict], spec: TaskSpec, devic
     """Accuracy on `items` (already in evaluation order). Under torchrun each rank takes
     every world_size-th item and the per-item results are summed across ranks."""
     if not items:
-        raise ValueError(f"task {spec.label} has no items to evaluate")
+        raise UserError(f"task {spec.label} has no items to evaluate")
     indices = range(rank, len(items), world_size)
     rows = build_rows(items, indices, spec, tokenizer, context_limit(model))
     scores = score_rows(model, rows, tokenizer.get_bos_token_id(), device, batch_size)
@@ -529,7 +531,7 @@ def evaluate_core(model, tokenizer, device: torch.device | str, bundle_dir: str 
         log.info("CORE %-34s %2d-shot %-17s accuracy %.4f | centered %+.4f | %d items in %.2fs",
                  spec.label, spec.num_fewshot, spec.task_type, accuracy, centered, len(items), seconds)
     if not tasks:
-        raise FileNotFoundError(f"none of the {len(specs)} CORE tasks has its data file under "
+        raise MissingInputError(f"none of the {len(specs)} CORE tasks has its data file under "
                                 f"{bundle_dir / DATA_SUBDIR}; the eval bundle is incomplete")
     seconds = time.perf_counter() - t_start
     core = core_metric({label: t["centered"] for label, t in tasks.items()})

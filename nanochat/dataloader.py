@@ -55,6 +55,8 @@ from typing import Any, Protocol
 
 import torch
 
+from nanochat.errors import UserError
+
 log = logging.getLogger("nanochat.dataloader")
 
 STATE_VERSION = 1
@@ -113,7 +115,7 @@ def pretrain_batches(tokenizer: TokenizerLike, B: int, T: int, split: str, *, ba
     if long_docs not in LONG_DOCS:
         problems.append(f"long_docs must be 'split' or 'crop', got {long_docs!r}")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise UserError("; ".join(problems))
     files = split_files(split, base_dir, dataset)
     start = _resume_plan(resume_state, split, [f.name for f in files], rank, world_size)
     device = _resolve_device(device)
@@ -185,9 +187,9 @@ class _DocReader:
             files_passed += 1
             if files_passed > len(self.files):
                 total = sum(len(self.rows(f)) for f in range(len(self.files)))
-                raise ValueError(f"rank {self.rank} of {self.world_size} gets no documents: the split's "
-                                 f"{len(self.files)} shard(s) have {total} row group(s) in all, shared out by row "
-                                 f"group; use fewer ranks or more shards")
+                raise UserError(f"rank {self.rank} of {self.world_size} gets no documents: the split's "
+                                f"{len(self.files)} shard(s) have {total} row group(s) in all, shared out by row "
+                                f"group; use fewer ranks or more shards")
 
     def read(self, n: int) -> tuple[list[Ref], list[str]]:
         """Up to n documents from the current row group (never crossing into the next)."""
@@ -210,8 +212,8 @@ class _DocReader:
                 cache[(f, rg)] = self._read_row_group(f, rg)
             texts = cache[(f, rg)]
             if d >= len(texts):
-                raise ValueError(f"resume state names document {d} of row group {rg} of {self.files[f].name}, "
-                                 f"which has only {len(texts)}; the shard changed since the state was saved")
+                raise UserError(f"resume state names document {d} of row group {rg} of {self.files[f].name}, "
+                                f"which has only {len(texts)}; the shard changed since the state was saved")
             out.append(texts[d])
         return out
 
@@ -409,7 +411,7 @@ def _decode_buffer(entries: list, index: dict[str, int]) -> list[Ref]:
     refs: list[Ref] = []
     for name, rg, docs in entries:
         if name not in index:
-            raise ValueError(f"resume state refers to shard {name}, which is not among this split's shards")
+            raise UserError(f"resume state refers to shard {name}, which is not among this split's shards")
         refs.extend((index[name], int(rg), d, offset) for d, offset in _decode_indices(docs))
     return refs
 
@@ -442,10 +444,10 @@ def _resume_plan(resume_state, split: str, names: list[str], rank: int, world_si
         if mine:
             s = mine[0]
             if s["split"] != split:
-                raise ValueError(f"resume state is for the {s['split']!r} split, not {split!r}")
+                raise UserError(f"resume state is for the {s['split']!r} split, not {split!r}")
             if s["shard"] not in index:
-                raise ValueError(f"resume state points into shard {s['shard']}, which is not among the "
-                                 f"{split} shards on disk ({len(names)} of them)")
+                raise UserError(f"resume state points into shard {s['shard']}, which is not among the "
+                                f"{split} shards on disk ({len(names)} of them)")
             counts = _Counts(int(s.get("packed_tokens", 0)), int(s.get("cropped_tokens", 0)),
                              int(s.get("piece_bos_tokens", 0)))
             epoch_start = [int(v) for v in s["epoch_start"]] if "epoch_start" in s else None
@@ -454,8 +456,8 @@ def _resume_plan(resume_state, split: str, names: list[str], rank: int, world_si
                           epoch_start=epoch_start, last_epoch=s.get("last_epoch"))
         return _approximate_start(states, index, rank, world_size)
     except (KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"resume_state is malformed ({type(e).__name__}: {e}); pass a state yielded by "
-                         "pretrain_batches or None") from e
+        raise UserError(f"resume_state is malformed ({type(e).__name__}: {e}); pass a state yielded by "
+                        "pretrain_batches or None") from e
 
 
 def _approximate_start(states: list[dict], index: dict[str, int], rank: int, world_size: int) -> _Start:
@@ -547,8 +549,8 @@ def _produce(spec: _Spec, start: _Start, out: queue.Queue, stop: threading.Event
             if split_tokens is not None and reader.epoch != epoch:
                 if split_tokens < row_len:
                     where = f" (rank {spec.rank} of {spec.world_size}: its row groups)" if spec.world_size > 1 else ""
-                    raise ValueError(f"the {spec.split} split holds only {split_tokens} tokens{where}, less than one "
-                                     f"row of {row_len}: add text to the dataset, or lower the sequence length")
+                    raise UserError(f"the {spec.split} split holds only {split_tokens} tokens{where}, less than one "
+                                    f"row of {row_len}: add text to the dataset, or lower the sequence length")
                 split_tokens = None
 
         while not stop.is_set():

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from nanochat.common import atomic_write_text, get_base_dir
+from nanochat.errors import MissingInputError, UserError
 
 log = logging.getLogger("nanochat.dataset")
 
@@ -61,8 +62,8 @@ def data_dir(base_dir: str | os.PathLike | None = None, dataset: str | None = No
 def check_dataset_name(name: str) -> str:
     """`name` if it can name a dataset directory (letters, digits, '.', '_', '-'), else ValueError."""
     if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
-        raise ValueError(f"dataset name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
-                         "letter or digit (e.g. --dataset my_books)")
+        raise UserError(f"dataset name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
+                        "letter or digit (e.g. --dataset my_books)")
     return name
 
 
@@ -95,7 +96,7 @@ def read_manifest(directory: str | os.PathLike) -> dict | None:
         manifest = json.loads(path.read_text(encoding="utf-8"))
         [str(n) for n in manifest["shards"]["train"]], str(manifest["shards"]["val"])
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path} is damaged ({e}); run `nanochat ingest ... --overwrite` to rebuild the dataset") from e
+        raise UserError(f"{path} is damaged ({e}); run `nanochat ingest ... --overwrite` to rebuild the dataset") from e
     return manifest
 
 
@@ -111,7 +112,7 @@ def list_parquet_files(directory: str | os.PathLike) -> list[Path]:
 def val_shard_index(num_shards: int) -> int:
     """Index of the validation shard of a source with `num_shards` shards: the last one."""
     if num_shards < 2:
-        raise ValueError(f"a source needs at least 2 shards (train + the last one for val), got {num_shards}")
+        raise UserError(f"a source needs at least 2 shards (train + the last one for val), got {num_shards}")
     return num_shards - 1
 
 
@@ -124,7 +125,7 @@ def read_source(directory: str | os.PathLike) -> dict | None:
         source = json.loads(path.read_text(encoding="utf-8"))
         int(source["num_shards"]), str(source["val_shard"])
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path} is damaged ({e}); delete it and run `nanochat download` again") from e
+        raise UserError(f"{path} is damaged ({e}); delete it and run `nanochat download` again") from e
     return source
 
 
@@ -138,13 +139,13 @@ def split_files(split: str, base_dir: str | os.PathLike | None = None, dataset: 
     directory = data_dir(base_dir)
     files = list_parquet_files(directory)
     if not files:
-        raise FileNotFoundError(f"no pretraining shards in {directory}; fetch some with `nanochat download` "
+        raise MissingInputError(f"no pretraining shards in {directory}; fetch some with `nanochat download` "
                                 f"(e.g. `nanochat download -n 8`)")
     source = read_source(directory)
     if source is not None:
         val = directory / source["val_shard"]
         if not val.is_file():
-            raise FileNotFoundError(f"the validation shard {val.name} of {source.get('url')} is missing from "
+            raise MissingInputError(f"the validation shard {val.name} of {source.get('url')} is missing from "
                                     f"{directory}; run `nanochat download` to fetch it")
     else:
         val = files[-1]
@@ -152,7 +153,7 @@ def split_files(split: str, base_dir: str | os.PathLike | None = None, dataset: 
         return [val]
     train = [f for f in files if f != val]
     if not train:
-        raise FileNotFoundError(f"{directory} holds only the validation shard {val.name}; fetch train shards "
+        raise MissingInputError(f"{directory} holds only the validation shard {val.name}; fetch train shards "
                                 f"with `nanochat download -n N`")
     return train
 
@@ -162,16 +163,16 @@ def _dataset_split_files(split: str, base_dir: str | os.PathLike | None, name: s
     manifest = read_manifest(directory)
     if manifest is None:
         if directory.is_dir():
-            raise FileNotFoundError(f"dataset {name!r} in {directory} is unfinished (no {MANIFEST_FILE}: its ingest "
+            raise MissingInputError(f"dataset {name!r} in {directory} is unfinished (no {MANIFEST_FILE}: its ingest "
                                     f"was interrupted?); run the same `nanochat ingest ... --dataset {name}` again")
         known = list_datasets(base_dir)
-        raise FileNotFoundError(f"no dataset {name!r} in {directory.parent}; build it with `nanochat ingest PATH "
+        raise MissingInputError(f"no dataset {name!r} in {directory.parent}; build it with `nanochat ingest PATH "
                                 f"--dataset {name}`" + (f" (datasets there: {', '.join(known)})" if known else ""))
     names = list(manifest["shards"]["train"]) if split == "train" else [manifest["shards"]["val"]]
     files = [directory / n for n in names]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
-        raise FileNotFoundError(f"dataset {name!r} is missing {', '.join(missing)} listed in its {MANIFEST_FILE}; "
+        raise MissingInputError(f"dataset {name!r} is missing {', '.join(missing)} listed in its {MANIFEST_FILE}; "
                                 f"rebuild it with `nanochat ingest ... --dataset {name} --overwrite`")
     return files
 
@@ -216,12 +217,12 @@ def validate_shard(path: str | os.PathLike) -> None:
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a corrupt file
-        raise ValueError(f"{path} is not a readable parquet file: {e}") from e
+        raise UserError(f"{path} is not a readable parquet file: {e}") from e
     schema = pf.schema_arrow
     if TEXT_COLUMN not in schema.names:
-        raise ValueError(f"{path} has no {TEXT_COLUMN!r} column (columns: {schema.names})")
+        raise UserError(f"{path} has no {TEXT_COLUMN!r} column (columns: {schema.names})")
     if not (pa.types.is_string(schema.field(TEXT_COLUMN).type) or pa.types.is_large_string(schema.field(TEXT_COLUMN).type)):
-        raise ValueError(f"{path}: column {TEXT_COLUMN!r} has type {schema.field(TEXT_COLUMN).type}, expected string")
+        raise UserError(f"{path}: column {TEXT_COLUMN!r} has type {schema.field(TEXT_COLUMN).type}, expected string")
     if pf.metadata.num_rows > 0:
         pf.read_row_group(0, columns=[TEXT_COLUMN])  # the data pages decode, not just the footer
 
@@ -239,15 +240,15 @@ def resolve_source(url: str | None = None, num_shards: int | None = None) -> tup
         try:
             num_shards = int(raw)
         except ValueError:
-            raise ValueError(f"${SHARDS_ENV}={raw!r} is not an integer shard count") from None
+            raise UserError(f"${SHARDS_ENV}={raw!r} is not an integer shard count") from None
     if num_shards is None:
         if url == DEFAULT_URL:
             num_shards = DEFAULT_NUM_SHARDS
         else:
             num_shards = _count_local_shards(url)
     if num_shards is None:
-        raise ValueError(f"how many shards does {url} hold? pass --num-shards (or set ${SHARDS_ENV}); "
-                         "the last shard is used for validation")
+        raise UserError(f"how many shards does {url} hold? pass --num-shards (or set ${SHARDS_ENV}); "
+                        "the last shard is used for validation")
     val_shard_index(num_shards)
     return url, num_shards
 
@@ -258,10 +259,10 @@ def _count_local_shards(url: str) -> int | None:
     if path is None:
         return None
     if not path.is_dir():
-        raise FileNotFoundError(f"data source {url} is not a directory")
+        raise MissingInputError(f"data source {url} is not a directory")
     indices = [int(m.group(1)) for p in path.iterdir() if (m := _SHARD_RE.match(p.name))]
     if not indices:
-        raise FileNotFoundError(f"data source {url} holds no shard_NNNNN.parquet files")
+        raise MissingInputError(f"data source {url} holds no shard_NNNNN.parquet files")
     return max(indices) + 1
 
 
@@ -275,7 +276,7 @@ def download_shards(base_dir: str | os.PathLike | None = None, num_train: int = 
     from nanochat.downloads import download_many
 
     if num_train < 0:
-        raise ValueError(f"the number of train shards must be >= 0, got {num_train}")
+        raise UserError(f"the number of train shards must be >= 0, got {num_train}")
     url, num_shards = resolve_source(url, num_shards)
     val_index = val_shard_index(num_shards)
     if num_train > val_index:
@@ -309,7 +310,7 @@ def _record_source(directory: Path, url: str, num_shards: int) -> None:
     source = {"url": url, "num_shards": num_shards, "val_shard": shard_name(val_shard_index(num_shards))}
     old = read_source(directory)
     if old is not None and (old["url"].rstrip("/"), int(old["num_shards"])) != (url, num_shards):
-        raise ValueError(
+        raise UserError(
             f"{directory} already holds shards of {old['url']} ({old['num_shards']} shards), not of {url} "
             f"({num_shards} shards); use another --base-dir / $NANOCHAT_BASE_DIR or delete {directory}")
     if old is None:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanochat.common import atomic_path
+from nanochat.errors import UserError
 
 log = logging.getLogger("nanochat.downloads")
 
@@ -200,7 +201,7 @@ def _download(url: str, dest: Path, *, timeout: float, retries: int, backoff: fl
 def _check_source(url: str) -> None:
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if "://" in url and scheme not in ("http", "https", "file"):
-        raise ValueError(f"cannot download {url!r}: only http://, https://, file:// URLs and local paths are supported")
+        raise UserError(f"cannot download {url!r}: only http://, https://, file:// URLs and local paths are supported")
 
 
 def _check_file(tmp: Path, nbytes: int, expected_size: int | None, validate: Validator | None) -> None:

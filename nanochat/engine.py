@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nanochat.calculator import calculate
+from nanochat.errors import UserError
 
 log = logging.getLogger("nanochat.engine")
 
@@ -59,12 +60,12 @@ def sample_next_token(logits: Tensor, generator: torch.Generator | None, tempera
     logits of each row (None, or k >= V: no filtering); sampling then happens among
     those k only, which is cheaper than masking the whole vocabulary."""
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise UserError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
     if top_k is not None and top_k < logits.size(-1):
         if top_k < 1:
-            raise ValueError(f"top_k must be >= 1 (or None for no filtering), got {top_k}")
+            raise UserError(f"top_k must be >= 1 (or None for no filtering), got {top_k}")
         values, indices = torch.topk(logits, top_k, dim=-1)  # (B, k)
         probs = F.softmax(values / temperature, dim=-1)
         choice = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1) into the k
@@ -148,14 +149,14 @@ class Engine:
         """How many decode steps to run (each yields one token per row)."""
         limit = self.max_positions()
         if prompt_len >= limit:
-            raise ValueError(f"the prompt has {prompt_len} tokens but the model encodes at most {limit} positions; "
-                             "shorten the prompt")
+            raise UserError(f"the prompt has {prompt_len} tokens but the model encodes at most {limit} positions; "
+                            "shorten the prompt")
         if max_tokens is None:
             # no explicit budget: stop at the context length the model was trained on
             seq_len = int(self.model.config.sequence_len)
             if prompt_len >= seq_len:
-                raise ValueError(f"the prompt ({prompt_len} tokens) already fills the model's {seq_len}-token "
-                                 "context; pass max_tokens explicitly or shorten the prompt")
+                raise UserError(f"the prompt ({prompt_len} tokens) already fills the model's {seq_len}-token "
+                                "context; pass max_tokens explicitly or shorten the prompt")
             return seq_len - prompt_len
         if prompt_len + max_tokens > limit:
             log.warning("max_tokens=%d after a %d-token prompt exceeds the model's %d positions; capping at %d",
@@ -257,7 +258,7 @@ class Engine:
         if top_k is not None and top_k < 1:
             problems.append(f"top_k must be >= 1 or None, got {top_k}")
         if problems:
-            raise ValueError("generate: " + "; ".join(problems))
+            raise UserError("generate: " + "; ".join(problems))
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs
                        ) -> tuple[list[list[int]], list[list[int]]]:

@@ -76,6 +76,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from nanochat.errors import UserError
+
 log = logging.getLogger("nanochat.execution")
 
 DEFAULT_MAX_MEMORY_BYTES = 256 * 1024 * 1024
@@ -487,7 +489,7 @@ def requested_isolation() -> str:
     """NANOCHAT_SANDBOX, validated: 'auto' (default), 'strict' or 'guard'."""
     mode = os.environ.get("NANOCHAT_SANDBOX", "auto").strip().lower() or "auto"
     if mode not in ("auto", "strict", "guard"):
-        raise ValueError(f"NANOCHAT_SANDBOX must be auto, strict or guard, got {mode!r}")
+        raise UserError(f"NANOCHAT_SANDBOX must be auto, strict or guard, got {mode!r}")
     return mode
 
 
@@ -514,7 +516,7 @@ def sandbox_isolation() -> str:
                             "error)", _isolation_probed["why"])
         probed = dict(_isolation_probed)
     if probed["mode"] == "guard" and mode == "strict":
-        raise RuntimeError(f"NANOCHAT_SANDBOX=strict but kernel isolation is unavailable: {probed['why']}")
+        raise UserError(f"NANOCHAT_SANDBOX=strict but kernel isolation is unavailable: {probed['why']}")
     return probed["mode"]
 
 

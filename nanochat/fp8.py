@@ -37,6 +37,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from nanochat.errors import UserError
+
 log = logging.getLogger("nanochat.fp8")
 
 RECIPES = ("tensorwise", "rowwise")
@@ -138,12 +140,12 @@ def _check_device(model: nn.Module) -> None:
     except StopIteration:
         raise ValueError("the model has no parameters to convert to fp8") from None
     if device.type != "cuda":
-        raise ValueError(f"fp8 training needs a CUDA GPU of the H100 class; the model is on {device.type}. "
-                         "Drop --fp8 on this machine.")
+        raise UserError(f"fp8 training needs a CUDA GPU of the H100 class; the model is on {device.type}. "
+                        "Drop --fp8 on this machine.")
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
-        raise ValueError(f"fp8 matmuls need compute capability 8.9 or newer (Ada, Hopper); this GPU is "
-                         f"{major}.{minor}. Drop --fp8 on this machine.")
+        raise UserError(f"fp8 matmuls need compute capability 8.9 or newer (Ada, Hopper); this GPU is "
+                        f"{major}.{minor}. Drop --fp8 on this machine.")
 
 
 def _torchao_available() -> bool:
@@ -170,14 +172,14 @@ def convert_to_fp8(model: nn.Module, recipe: str = "tensorwise", *, backend: str
     parameters are shared, not replaced).
     """
     if recipe not in RECIPES:
-        raise ValueError(f"fp8 recipe {recipe!r} is not one of {RECIPES}")
+        raise UserError(f"fp8 recipe {recipe!r} is not one of {RECIPES}")
     if backend not in ("auto", "torchao", "nanochat"):
-        raise ValueError(f"fp8 backend {backend!r} is not one of auto, torchao, nanochat")
+        raise UserError(f"fp8 backend {backend!r} is not one of auto, torchao, nanochat")
     _check_device(model)
     use_torchao = backend == "torchao" or (backend == "auto" and _torchao_available())
     if use_torchao:
         if not _torchao_available():
-            raise ValueError("fp8 backend 'torchao' needs the torchao package: pip install torchao")
+            raise UserError("fp8 backend 'torchao' needs the torchao package: pip install torchao")
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
         before = sum(isinstance(m, nn.Linear) for m in model.modules())
         convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
@@ -186,8 +188,8 @@ def convert_to_fp8(model: nn.Module, recipe: str = "tensorwise", *, backend: str
         log.info("fp8 (torchao, %s): %d of %d linear layers converted", recipe, count, before)
         return count
     if recipe != "tensorwise":
-        raise ValueError(f"fp8 recipe {recipe!r} needs torchao (pip install torchao); "
-                         "the built-in implementation does 'tensorwise' only")
+        raise UserError(f"fp8 recipe {recipe!r} needs torchao (pip install torchao); "
+                        "the built-in implementation does 'tensorwise' only")
     count = _convert_local(model, module_filter)
     log.info("fp8 (built-in, tensorwise): %d linear layers converted", count)
     return count

@@ -83,6 +83,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nanochat.attention import KVCache, attend, log_backend
+from nanochat.errors import UserError
 from nanochat.kernels import cpu as cpu_kernels
 
 log = logging.getLogger("nanochat.gpt")
@@ -127,7 +128,7 @@ class GPTConfig:
         if not self.window_pattern or set(self.window_pattern.upper()) - set("SL"):
             problems.append(f"window_pattern={self.window_pattern!r} must be a non-empty string of S and L")
         if problems:
-            raise ValueError("invalid GPTConfig: " + "; ".join(problems))
+            raise UserError("invalid GPTConfig: " + "; ".join(problems))
 
     @property
     def head_dim(self) -> int:

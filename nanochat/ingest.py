@@ -49,6 +49,7 @@ from typing import Any
 
 from nanochat.common import atomic_path, atomic_write_text
 from nanochat.dataset import MANIFEST_FILE, TEXT_COLUMN, data_dir, shard_name
+from nanochat.errors import MissingInputError, UserError
 
 log = logging.getLogger("nanochat.ingest")
 
@@ -128,7 +129,7 @@ def find_sources(paths: list[str | os.PathLike], exclude: Path | None = None) ->
     skipping hidden entries); otherwise it is a glob (`**` recurses). A path matching
     nothing raises FileNotFoundError. Files under `exclude` are left out."""
     if not paths:
-        raise ValueError("give at least one file, directory or glob to ingest")
+        raise UserError("give at least one file, directory or glob to ingest")
     files: set[Path] = set()
     explicit: set[Path] = set()
     for raw in paths:
@@ -144,7 +145,7 @@ def find_sources(paths: list[str | os.PathLike], exclude: Path | None = None) ->
             matches = [Path(m) for m in glob.glob(str(p), recursive=True)]
             matched = [m.resolve() for m in matches if m.is_file()]
             if not matched:
-                raise FileNotFoundError(f"{raw}: no such file or directory, and no file matches it as a glob")
+                raise MissingInputError(f"{raw}: no such file or directory, and no file matches it as a glob")
             files.update(matched)
             explicit.update(matched)
     if exclude is not None:
@@ -354,8 +355,8 @@ def _open_zstd(path: Path):
     try:
         import zstandard
     except ImportError:
-        raise ValueError(f"{path}: reading .zst files needs zstd support: pip install zstandard "
-                         "(this pyarrow was built without its zstd codec)") from None
+        raise UserError(f"{path}: reading .zst files needs zstd support: pip install zstandard "
+                        "(this pyarrow was built without its zstd codec)") from None
     return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
 
 
@@ -422,15 +423,15 @@ def ingest(paths: list[str | os.PathLike], name: str, base_dir: str | os.PathLik
     options = options or IngestOptions()
     problems = options.problems()
     if problems:
-        raise ValueError("; ".join(problems))
+        raise UserError("; ".join(problems))
     out = data_dir(base_dir, name)  # validates the name
     sources, unsupported = find_sources(paths, exclude=out)
     if not sources:
         listed = f" (unsupported: {', '.join(str(u) for u in unsupported[:5])})" if unsupported else ""
-        raise ValueError(f"no .txt, .md, .jsonl or .parquet files (optionally .gz/.zst) in {', '.join(map(str, paths))}"
-                         f"{listed}")
+        raise UserError(f"no .txt, .md, .jsonl or .parquet files (optionally .gz/.zst) in {', '.join(map(str, paths))}"
+                        f"{listed}")
     if any(s.compression == "zstd" for s in sources) and not _zstd_available():
-        raise ValueError("reading .zst files needs zstd support, which this pyarrow lacks: pip install zstandard")
+        raise UserError("reading .zst files needs zstd support, which this pyarrow lacks: pip install zstandard")
     fingerprint = _fingerprint(sources, options)
 
     manifest_path = out / MANIFEST_FILE
@@ -440,8 +441,8 @@ def ingest(paths: list[str | os.PathLike], name: str, base_dir: str | os.PathLik
             log.info("dataset %r in %s is already built from these inputs; nothing to do", name, out)
             return {**_summary(manifest, out), "already_built": True}
         if not overwrite:
-            raise ValueError(f"dataset {name!r} in {out} was built from other inputs or options; pass --overwrite to "
-                             f"rebuild it, or choose another --dataset name")
+            raise UserError(f"dataset {name!r} in {out} was built from other inputs or options; pass --overwrite to "
+                            f"rebuild it, or choose another --dataset name")
     work = out / WORK_SUBDIR
     state = _read_progress(work)
     if overwrite or (state is not None and state.get("fingerprint") != fingerprint) or (
@@ -466,9 +467,9 @@ def ingest(paths: list[str | os.PathLike], name: str, base_dir: str | os.PathLik
         bytes_read = _spill(sources, options, work, state, tally, progress_every)
     num_docs = state["documents"]
     if num_docs < 2:
-        raise ValueError(f"{num_docs} usable document(s) in {len(sources)} file(s): too little to train on (a dataset "
-                         f"needs at least 2 documents: one to train on, one to validate with)"
-                         + (f"; skipped: {_reasons(tally.counts)}" if tally.counts else ""))
+        raise UserError(f"{num_docs} usable document(s) in {len(sources)} file(s): too little to train on (a dataset "
+                        f"needs at least 2 documents: one to train on, one to validate with)"
+                        + (f"; skipped: {_reasons(tally.counts)}" if tally.counts else ""))
     shards = _write_shards(out, work, state, options)
 
     manifest = {

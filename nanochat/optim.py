@@ -50,6 +50,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from nanochat.errors import UserError
+
 log = logging.getLogger("nanochat.optim")
 
 # Polar Express coefficients (a, b, c) of the odd quintic a*x + b*x^3 + c*x^5 applied per
@@ -454,22 +456,22 @@ class MuonAdamW(torch.optim.Optimizer):
             raise ValueError("not an optimizer state dict (no 'param_groups'/'state'); pass optimizer.state_dict() output")
         sharding = state_dict.get("sharding")
         if sharding is not None and sharding.get("world_size") != self.world_size:
-            raise ValueError(
+            raise UserError(
                 f"this optimizer state was saved by rank {sharding.get('rank')} of {sharding.get('world_size')} "
                 f"ranks but this run has {self.world_size}; resume with the same number of processes")
         if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"the saved optimizer has {len(saved_groups)} param groups, this one has "
-                             f"{len(self.param_groups)}: the model or its optimizer setup changed since the save")
+            raise UserError(f"the saved optimizer has {len(saved_groups)} param groups, this one has "
+                            f"{len(self.param_groups)}: the model or its optimizer setup changed since the save")
         index: dict[int, Tensor] = {}
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if len(saved["params"]) != len(group["params"]) or saved.get("kind", group["kind"]) != group["kind"]:
-                raise ValueError(f"param group {i} does not match the saved one ({saved.get('kind')} with "
-                                 f"{len(saved['params'])} params vs {group['kind']} with {len(group['params'])})")
+                raise UserError(f"param group {i} does not match the saved one ({saved.get('kind')} with "
+                                f"{len(saved['params'])} params vs {group['kind']} with {len(group['params'])})")
             index.update(zip(saved["params"], group["params"]))
         new_state: defaultdict[Tensor, dict] = defaultdict(dict)
         for key, values in saved_state.items():
             if key not in index:
-                raise ValueError(f"the saved optimizer state refers to parameter #{key}, which this optimizer lacks")
+                raise UserError(f"the saved optimizer state refers to parameter #{key}, which this optimizer lacks")
             p = index[key]
             new_state[p] = {k: _restore_value(k, v, p) for k, v in values.items()}
         self._check_state_shapes(new_state)
@@ -493,7 +495,7 @@ class MuonAdamW(torch.optim.Optimizer):
                     expected = {}
                 for k, shape in expected.items():
                     if k in s and tuple(s[k].shape) != tuple(shape):
-                        raise ValueError(
+                        raise UserError(
                             f"saved optimizer state {k!r} has shape {tuple(s[k].shape)} but this optimizer expects "
                             f"{tuple(shape)}: it was saved with another world size or model shape; resume with "
                             f"the original number of processes and model flags")

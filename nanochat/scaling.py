@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from nanochat.errors import UserError
+
 # Hyperparameters are tuned at depth 12 and transferred to other depths from there.
 REF_DEPTH = 12
 # Best total batch size at d12, in tokens (measured by the reference's sweeps).
@@ -22,7 +24,7 @@ def model_dims(depth: int, aspect_ratio: int = 64, head_dim: int = 128) -> tuple
     """(n_embd, n_head) for a depth: width = depth × aspect_ratio rounded UP to a
     multiple of head_dim, so that every head has exactly head_dim channels."""
     if depth < 1 or aspect_ratio < 1 or head_dim < 1:
-        raise ValueError(f"depth, aspect ratio and head dim must be positive (got {depth}, {aspect_ratio}, {head_dim})")
+        raise UserError(f"depth, aspect ratio and head dim must be positive (got {depth}, {aspect_ratio}, {head_dim})")
     base = depth * aspect_ratio
     n_embd = -(-base // head_dim) * head_dim
     return n_embd, n_embd // head_dim

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from nanochat.dataloader import BestFitBuffer
+from nanochat.errors import UserError
 
 
 
@@ -57,7 +58,7 @@ class SFTLoader:
     def __init__(self, dataset, tokenizer, batch_size: int, seq_len: int, *, device: torch.device | str = "cpu",
                  rank: int = 0, world_size: int = 1, buffer_size: int = 100, state: dict | None = None):
         if len(dataset) == 0:
-            raise ValueError("the SFT dataset is empty")
+            raise UserError("the SFT dataset is empty")
         self.dataset, self.tokenizer = dataset, tokenizer
         self.B, self.T = batch_size, seq_len
         self.row_len = seq_len + 1  # +1: the last position's target
@@ -87,12 +88,12 @@ class SFTLoader:
             buffered = [int(i) for i in state["buffer"]]
             cursor, consumed, epoch, batches = (int(state[k]) for k in ("cursor", "consumed", "epoch", "batches"))
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"the SFT loader state is malformed ({type(e).__name__}: {e}); "
-                             "resume from a checkpoint written by `nanochat sft`") from e
+            raise UserError(f"the SFT loader state is malformed ({type(e).__name__}: {e}); "
+                            "resume from a checkpoint written by `nanochat sft`") from e
         if size != len(self.dataset) or (rank, world) != (self.rank, self.world_size):
-            raise ValueError(f"the SFT loader state was saved for a mixture of {size:,} rows on rank {rank} of "
-                             f"{world}, but this run has {len(self.dataset):,} rows on rank {self.rank} of "
-                             f"{self.world_size}; resume with the same --mixture and number of processes")
+            raise UserError(f"the SFT loader state was saved for a mixture of {size:,} rows on rank {rank} of "
+                            f"{world}, but this run has {len(self.dataset):,} rows on rank {self.rank} of "
+                            f"{self.world_size}; resume with the same --mixture and number of processes")
         self.cursor, self.consumed, self.epoch, self.batches = cursor, consumed, epoch, batches
         self.padding_tokens = int(state.get("padding_tokens", 0))
         self.content_tokens = int(state.get("content_tokens", 0))
@@ -100,8 +101,8 @@ class SFTLoader:
         for index in buffered:
             encoded = self._render(index)
             if encoded is None:
-                raise ValueError("the SFT loader state lists a conversation that renders differently now; "
-                                 "resume with the same --max-seq-len and tokenizer")
+                raise UserError("the SFT loader state lists a conversation that renders differently now; "
+                                "resume with the same --max-seq-len and tokenizer")
             self.buffer.add(index, encoded)
 
     # -- progress ------------------------------------------------------------------
@@ -146,8 +147,8 @@ class SFTLoader:
                 self.skipped += 1
                 misses += 1
                 if misses > len(self.dataset):
-                    raise ValueError(f"no conversation of the mixture keeps an assistant token within "
-                                     f"{self.row_len} tokens; raise --max-seq-len")
+                    raise UserError(f"no conversation of the mixture keeps an assistant token within "
+                                    f"{self.row_len} tokens; raise --max-seq-len")
                 continue
             self.buffer.add(index, encoded)
 

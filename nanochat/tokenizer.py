@@ -25,6 +25,8 @@ from typing import Any
 
 import tiktoken
 
+from nanochat.errors import MissingInputError, UserError
+
 log = logging.getLogger("nanochat.tokenizer")
 
 # Special tokens get the ids right after the learned merges, in this order.
@@ -79,8 +81,8 @@ class Tokenizer:
 
         n_learned = vocab_size - len(SPECIAL_TOKENS)
         if n_learned < 256:
-            raise ValueError(f"vocab_size={vocab_size} is too small: it must be at least "
-                             f"{256 + len(SPECIAL_TOKENS)} (256 byte tokens + {len(SPECIAL_TOKENS)} special tokens)")
+            raise UserError(f"vocab_size={vocab_size} is too small: it must be at least "
+                            f"{256 + len(SPECIAL_TOKENS)} (256 byte tokens + {len(SPECIAL_TOKENS)} special tokens)")
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(iter(text_iterator), n_learned, pattern=SPLIT_PATTERN)
         # rank == token id; the first 256 ranks are the raw bytes
@@ -102,12 +104,12 @@ class Tokenizer:
     def from_directory(cls, tokenizer_dir: str | os.PathLike) -> "Tokenizer":
         path = Path(tokenizer_dir) / PICKLE_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"no tokenizer at {path}; train one with `nanochat tok-train`")
+            raise MissingInputError(f"no tokenizer at {path}; train one with `nanochat tok-train`")
         with open(path, "rb") as f:
             enc = pickle.load(f)
         if not isinstance(enc, tiktoken.Encoding):
-            raise ValueError(f"{path} holds a {type(enc).__name__}, not a pickled tiktoken.Encoding; "
-                             "re-train it with `nanochat tok-train`")
+            raise UserError(f"{path} holds a {type(enc).__name__}, not a pickled tiktoken.Encoding; "
+                            "re-train it with `nanochat tok-train`")
         bos = "<|bos|>" if "<|bos|>" in enc.special_tokens_set else "<|endoftext|>"
         return cls(enc, bos)
 
@@ -117,12 +119,12 @@ class Tokenizer:
 
         Their document delimiter is called <|endoftext|>; we use it as BOS."""
         if tiktoken_name not in tiktoken.list_encoding_names():
-            raise ValueError(f"unknown tiktoken encoding {tiktoken_name!r}; known: {tiktoken.list_encoding_names()}")
+            raise UserError(f"unknown tiktoken encoding {tiktoken_name!r}; known: {tiktoken.list_encoding_names()}")
         try:
             enc = tiktoken.get_encoding(tiktoken_name)
         except (OSError, ValueError) as e:  # requests' ConnectionError is an OSError
             where = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"could not load the tiktoken encoding {tiktoken_name!r} ({type(e).__name__}: {str(e)[:200]}). "
                 f"Offline, set TIKTOKEN_CACHE_DIR to a directory holding tiktoken's cached files "
                 f"(currently {where or 'unset'})") from e
@@ -292,31 +294,31 @@ def validate_conversation(conversation: Any) -> None:
     {"messages": [optional system, user, assistant, user, ...]} with str contents
     (assistant content may also be a list of {"type": text|python|python_output, "text": str})."""
     if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):
-        raise ValueError(f"a conversation must be a dict with a 'messages' list, got {_short(conversation)}")
+        raise UserError(f"a conversation must be a dict with a 'messages' list, got {_short(conversation)}")
     messages = conversation["messages"]
     if not messages:
-        raise ValueError("conversation has no messages")
+        raise UserError("conversation has no messages")
     first_turn = 1 if isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
     if first_turn and len(messages) == 1:
-        raise ValueError("conversation message 0: a system message must be followed by a user message")
+        raise UserError("conversation message 0: a system message must be followed by a user message")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ValueError(f"conversation message {i}: expected a dict with 'role' and 'content', got {_short(message)}")
+            raise UserError(f"conversation message {i}: expected a dict with 'role' and 'content', got {_short(message)}")
         role, content = message["role"], message["content"]
         expected = "system" if i < first_turn else ("user" if (i - first_turn) % 2 == 0 else "assistant")
         if role != expected:
-            raise ValueError(f"conversation message {i}: role {role!r} where {expected!r} was expected "
-                             "(roles alternate user/assistant, after an optional leading system message)")
+            raise UserError(f"conversation message {i}: role {role!r} where {expected!r} was expected "
+                            "(roles alternate user/assistant, after an optional leading system message)")
         if isinstance(content, str):
             continue
         if role != "assistant" or not isinstance(content, list):
             allowed = "a str or a list of parts" if role == "assistant" else "a str"
-            raise ValueError(f"conversation message {i} ({role}): content must be {allowed}, "
-                             f"got {type(content).__name__}")
+            raise UserError(f"conversation message {i} ({role}): content must be {allowed}, "
+                            f"got {type(content).__name__}")
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") not in PART_TYPES or not isinstance(part.get("text"), str):
-                raise ValueError(f"conversation message {i} (assistant), part {j}: expected "
-                                 f"{{'type': one of {list(PART_TYPES)}, 'text': str}}, got {_short(part)}")
+                raise UserError(f"conversation message {i} (assistant), part {j}: expected "
+                                f"{{'type': one of {list(PART_TYPES)}, 'text': str}}, got {_short(part)}")
 
 
 def _merged_messages(conversation: dict) -> list[dict]:
@@ -353,7 +355,7 @@ def get_token_bytes(base_dir: str | os.PathLike | None = None, device: Any = "cp
 
     path = _tokenizer_dir(base_dir) / TOKEN_BYTES_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no token byte lengths at {path}; train a tokenizer with `nanochat tok-train`")
+        raise MissingInputError(f"no token byte lengths at {path}; train a tokenizer with `nanochat tok-train`")
     with open(path, "rb") as f:
         return torch.load(f, map_location=device)
 

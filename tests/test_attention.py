@@ -11,6 +11,7 @@ import torch
 
 from nanochat import attention
 from nanochat.attention import KVCache, attend, causal_window_mask, fa3_available, set_backend
+from nanochat.errors import UserError
 
 
 def naive_attention(q, k, v, window):
@@ -150,7 +151,7 @@ def test_backend_selection_on_cpu(caplog):
         "attention: PyTorch SDPA (FA3 needs a Hopper GPU; tensors are on cpu)") == 1
     if not fa3_available():
         set_backend("fa3")
-        with pytest.raises(RuntimeError, match="FA3 is unavailable"):
+        with pytest.raises(UserError, match="FA3 is unavailable"):
             attend(q, k, v, -1)
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from nanochat import execution
 from nanochat.execution import execute_code
+from nanochat.errors import UserError
 
 
 def test_runs_code_and_captures_output():
@@ -224,7 +225,7 @@ def test_fallback_warns_once_and_strict_refuses(fresh_probe, monkeypatch, caplog
     assert len(warnings) == 1 and "unshare: Operation not permitted" in warnings[0].getMessage()
     assert "NOT a security boundary" in warnings[0].getMessage()
     monkeypatch.setenv("NANOCHAT_SANDBOX", "strict")
-    with pytest.raises(RuntimeError, match="strict.*Operation not permitted"):
+    with pytest.raises(UserError, match="strict.*Operation not permitted"):
         execute_code("pass")
 
 

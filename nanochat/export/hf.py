@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from nanochat.errors import MissingInputError, UserError
+
 log = logging.getLogger("nanochat.export")
 
 TEMPLATE_DIR = Path(__file__).resolve().parent
@@ -77,17 +79,17 @@ def parse_size(text: str | int) -> int:
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)?\s*", str(text).upper())
     if not m:
-        raise ValueError(f"size {text!r} is not a byte count or a number with KB, MB or GB (e.g. 5GB)")
+        raise UserError(f"size {text!r} is not a byte count or a number with KB, MB or GB (e.g. 5GB)")
     unit = {"B": 1, None: 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)]
     return int(float(m.group(1)) * unit)
 
 
 def check_dtype(dtype: str) -> torch.dtype:
     if dtype == "float16":
-        raise ValueError("--dtype float16 is not supported: the ReLU^2 MLP activations and their squares overflow "
-                         "float16's range (max 65504); export in bfloat16 (same size, float32's range) or float32")
+        raise UserError("--dtype float16 is not supported: the ReLU^2 MLP activations and their squares overflow "
+                        "float16's range (max 65504); export in bfloat16 (same size, float32's range) or float32")
     if dtype not in DTYPES:
-        raise ValueError(f"unknown --dtype {dtype!r}; use one of {sorted(DTYPES)}")
+        raise UserError(f"unknown --dtype {dtype!r}; use one of {sorted(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -240,7 +242,7 @@ def encoding_from_tokenizer_json(path: str | os.PathLike):
         if step.get("type") == "Split":
             pattern = step["pattern"].get("Regex")
     if pattern is None:
-        raise ValueError(f"{path} has no Split pre-tokenizer; it was not written by `nanochat export`")
+        raise UserError(f"{path} has no Split pre-tokenizer; it was not written by `nanochat export`")
     return tiktoken.Encoding(name="rustbpe", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
 
 
@@ -365,7 +367,7 @@ def load_safetensors(export_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
         return load_file(str(export_dir / SINGLE_FILE))
     index = export_dir / INDEX_FILE
     if not index.is_file():
-        raise FileNotFoundError(f"{export_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}; is it a model export?")
+        raise MissingInputError(f"{export_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}; is it a model export?")
     weight_map = json.loads(index.read_text())["weight_map"]
     state = {}
     for fname in sorted(set(weight_map.values())):
@@ -380,9 +382,9 @@ def prepare_output(out_dir: str | os.PathLike, force: bool) -> Path:
     """Refuse a non-empty output directory unless force (checked before any work)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"output {out} exists and is not a directory")
+        raise UserError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise ValueError(f"output directory {out} is not empty; pass --force to replace it")
+        raise UserError(f"output directory {out} is not empty; pass --force to replace it")
     return out
 
 
@@ -397,10 +399,10 @@ def export_model(state: dict[str, torch.Tensor], model_config: dict[str, Any], e
     source = dict(source or {})
     missing = [k for k in GPT_FIELDS if k not in model_config]
     if missing:
-        raise ValueError(f"the checkpoint's model config lacks {missing}")
+        raise UserError(f"the checkpoint's model config lacks {missing}")
     if enc.n_vocab != model_config["vocab_size"]:
-        raise ValueError(f"the tokenizer has {enc.n_vocab} tokens but the model {model_config['vocab_size']}; "
-                         "export with the tokenizer the model was trained with")
+        raise UserError(f"the tokenizer has {enc.n_vocab} tokens but the model {model_config['vocab_size']}; "
+                        "export with the tokenizer the model was trained with")
 
     tensors = {}
     for name, t in state.items():
@@ -447,11 +449,11 @@ def read_export(export_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     export_dir = Path(export_dir)
     cfg_path = export_dir / "config.json"
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} does not exist; pass a directory written by `nanochat export`")
+        raise MissingInputError(f"{cfg_path} does not exist; pass a directory written by `nanochat export`")
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("model_type") != "nanochat_gpt":
-        raise ValueError(f"{cfg_path} has model_type {cfg.get('model_type')!r}, not 'nanochat_gpt'; "
-                         "only nanochat exports can be imported")
+        raise UserError(f"{cfg_path} has model_type {cfg.get('model_type')!r}, not 'nanochat_gpt'; "
+                        "only nanochat exports can be imported")
     model_config = {k: cfg[k] for k in GPT_FIELDS}
     source = cfg.get("nanochat") or {}
     original = source.get("original_dtypes") or {}
@@ -467,14 +469,14 @@ def push_to_hub(export_dir: str | os.PathLike, repo_id: str) -> str:
     try:
         from huggingface_hub import HfApi
     except ImportError as e:
-        raise ValueError("--push-to-hub needs the huggingface_hub package: pip install 'nanochat[hf]' "
-                         "(or pip install huggingface_hub)") from e
+        raise UserError("--push-to-hub needs the huggingface_hub package: pip install 'nanochat[hf]' "
+                        "(or pip install huggingface_hub)") from e
     try:
         api = HfApi()
         url = api.create_repo(repo_id, exist_ok=True)
         api.upload_folder(folder_path=str(export_dir), repo_id=repo_id, commit_message="nanochat export")
     except Exception as e:  # offline, no token, no permission: one clear line
-        raise ValueError(f"could not push {export_dir} to the hub repo {repo_id!r} ({type(e).__name__}: "
-                         f"{str(e)[:300]}); the export itself is complete, upload it later with "
-                         "`huggingface-cli upload`") from e
+        raise UserError(f"could not push {export_dir} to the hub repo {repo_id!r} ({type(e).__name__}: "
+                        f"{str(e)[:300]}); the export itself is complete, upload it later with "
+                        "`huggingface-cli upload`") from e
     return str(url)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from nanochat.errors import UserError
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -45,4 +47,4 @@ class ServerSettings:
         if self.max_queue < 0:
             problems.append(f"max_queue must be 0 or more, got {self.max_queue}")
         if problems:
-            raise ValueError("server settings: " + "; ".join(problems))
+            raise UserError("server settings: " + "; ".join(problems))

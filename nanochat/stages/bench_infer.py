@@ -31,6 +31,7 @@ import torch
 
 from nanochat.common import Runtime
 from nanochat.config import check, option
+from nanochat.errors import UserError
 
 log = logging.getLogger("nanochat.bench_infer")
 
@@ -300,7 +301,7 @@ def _run(config: Config, runtime: Runtime) -> dict:
     engine = Engine(model, None)  # no tokenizer: no stop tokens, every step runs
     vocab = model.config.vocab_size
     if config.prompt_len + config.decode_tokens + 1 > engine.max_positions():
-        raise ValueError(f"--prompt-len + --decode-tokens exceeds the model's {engine.max_positions()} positions")
+        raise UserError(f"--prompt-len + --decode-tokens exceeds the model's {engine.max_positions()} positions")
     time_generation(engine, _random_prompt(vocab, 32, 1), max(config.batch_sizes), 4)  # warm-up
     from nanochat.common import peak_bandwidth, peak_flops
     flops_peak = peak_flops(runtime.device, model.compute_dtype, cache_dir=runtime.base_dir)

@@ -37,6 +37,7 @@ import torch
 
 from nanochat.common import Runtime, peak_flops
 from nanochat.config import check, option
+from nanochat.errors import UserError
 
 log = logging.getLogger("nanochat.bench_train")
 
@@ -147,8 +148,8 @@ def _batches(config: Config, runtime: Runtime, count: int) -> tuple[list[tuple[t
     tokenizer = get_tokenizer(runtime.base_dir)
     vocab = tokenizer.get_vocab_size()
     if config.vocab_size is not None and config.vocab_size != vocab:
-        raise ValueError(f"--vocab-size {config.vocab_size} differs from the tokenizer's {vocab} in "
-                         f"{runtime.base_dir}; drop --vocab-size with --data real")
+        raise UserError(f"--vocab-size {config.vocab_size} differs from the tokenizer's {vocab} in "
+                        f"{runtime.base_dir}; drop --vocab-size with --data real")
     loader = pretrain_batches(tokenizer, B, T, "train", base_dir=runtime.base_dir, device=runtime.device,
                               buffer_size=64, prefetch=1)
     try:
@@ -189,7 +190,7 @@ def bench(config: Config, runtime: Runtime) -> dict:
     model = build_model(_model_config(config, vocab), device, dtype)
     if config.fp8:
         if device.type != "cuda":
-            raise ValueError("--fp8 needs a CUDA GPU (H100 class); drop --fp8 on this device")
+            raise UserError("--fp8 needs a CUDA GPU (H100 class); drop --fp8 on this device")
         from nanochat.fp8 import convert_to_fp8
         convert_to_fp8(model, config.fp8_recipe)
     # base-train's learning rates at this batch size (timing does not depend on them, but
@@ -363,7 +364,7 @@ def compare_dtypes(config: Config, runtime: Runtime) -> dict:
 def run(config: Config, runtime: Runtime) -> dict:
     config.validate()
     if runtime.distributed:
-        raise ValueError("bench-train measures one process; run it without torchrun")
+        raise UserError("bench-train measures one process; run it without torchrun")
     if config.compare_dtypes:
         result = compare_dtypes(config, runtime)
     else:

@@ -20,6 +20,7 @@ from typing import Literal, TextIO
 
 from nanochat.common import Runtime
 from nanochat.config import check, option
+from nanochat.errors import MissingInputError
 
 log = logging.getLogger("nanochat.chat_cli")
 
@@ -221,7 +222,7 @@ def run(config: Config, runtime: Runtime, stdin: TextIO | None = None, out: Text
     out = out if out is not None else sys.stdout
     source = config.source or latest_stage(runtime.base_dir)
     if source is None:
-        raise FileNotFoundError(f"no model to chat with under {runtime.base_dir}: train one first "
+        raise MissingInputError(f"no model to chat with under {runtime.base_dir}: train one first "
                                 "(`nanochat base-train`, then `nanochat sft`), or pass --base-dir")
     model, tokenizer, meta = load_model(source, runtime.base_dir, runtime.device, runtime.dtype,
                                         tag=config.tag, step=config.step)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from nanochat.common import Runtime
 from nanochat.config import check, option
+from nanochat.errors import MissingInputError, UserError
 
 log = logging.getLogger("nanochat.export")
 
@@ -74,7 +75,7 @@ def run(config: Config, runtime: Runtime) -> dict:
 
     source = config.source or latest_stage(runtime.base_dir)
     if source is None:
-        raise FileNotFoundError(f"no checkpoint under {runtime.base_dir}; train one with `nanochat base-train` first")
+        raise MissingInputError(f"no checkpoint under {runtime.base_dir}; train one with `nanochat base-train` first")
     tag = config.tag or find_largest_tag(stage_root(runtime.base_dir, source))
     out = Path(config.output) if config.output else Path(runtime.base_dir) / "hf" / f"{source}_{tag}"
     prepare_output(out, config.force)  # refuse before loading anything
@@ -82,8 +83,8 @@ def run(config: Config, runtime: Runtime) -> dict:
     step = config.step if config.step is not None else find_last_step(ckpt_dir)
     state, _, meta = load_checkpoint(ckpt_dir, step, "cpu")
     if not isinstance(meta.get("model_config"), dict):
-        raise ValueError(f"checkpoint {ckpt_dir} step {step} has no model_config; "
-                         "it was not written by a training stage")
+        raise UserError(f"checkpoint {ckpt_dir} step {step} has no model_config; "
+                        "it was not written by a training stage")
     model_config = patch_model_config(meta["model_config"])
     tokenizer = get_tokenizer(runtime.base_dir)
     batch = meta.get("total_batch_size")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from nanochat.common import Runtime
 from nanochat.config import check, option
+from nanochat.errors import UserError
 
 log = logging.getLogger("nanochat.import_hf")
 
@@ -49,8 +50,8 @@ def run(config: Config, runtime: Runtime) -> dict:
     step = config.step if config.step is not None else int(source.get("step") or 0)
     ckpt_dir = checkpoint_dir(runtime.base_dir, config.source, tag)
     if meta_path(ckpt_dir, step).exists() and not config.force:
-        raise ValueError(f"{ckpt_dir} already has a checkpoint at step {step}; pass --force to overwrite it "
-                         "or pick another -g/--tag or --step")
+        raise UserError(f"{ckpt_dir} already has a checkpoint at step {step}; pass --force to overwrite it "
+                        "or pick another -g/--tag or --step")
     # the tokenizer: reuse the base dir's when it matches, else install the export's
     tok_dir = Path(runtime.base_dir) / "tokenizer"
     try:
@@ -62,9 +63,9 @@ def run(config: Config, runtime: Runtime) -> dict:
         tokenizer.save(tok_dir)
         log.info("installed the export's tokenizer in %s", tok_dir)
     if tokenizer.get_vocab_size() != model_config["vocab_size"]:
-        raise ValueError(f"the tokenizer in {tok_dir} has {tokenizer.get_vocab_size()} tokens but the export's "
-                         f"model {model_config['vocab_size']}; import into a base dir without a tokenizer "
-                         "(--base-dir) or with the one the model was trained with")
+        raise UserError(f"the tokenizer in {tok_dir} has {tokenizer.get_vocab_size()} tokens but the export's "
+                        f"model {model_config['vocab_size']}; import into a base dir without a tokenizer "
+                        "(--base-dir) or with the one the model was trained with")
     meta = {"step": step, "model_config": model_config,
             "user_config": {"imported_from": str(export_dir.resolve()), "export_source": source}}
     save_checkpoint(ckpt_dir, step, state, None, meta)

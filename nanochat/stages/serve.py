@@ -28,6 +28,7 @@ import torch
 
 from nanochat.common import Runtime
 from nanochat.config import check, option
+from nanochat.errors import MissingInputError, UserError
 
 log = logging.getLogger("nanochat.serve")
 
@@ -105,7 +106,7 @@ def newest_chat_source(base_dir: Path) -> str:
                 if best is None or mtime > best[0]:
                     best = (mtime, source)
     if best is None:
-        raise FileNotFoundError(f"no chat model (sft or rl checkpoint) under {base_dir}: train one with "
+        raise MissingInputError(f"no chat model (sft or rl checkpoint) under {base_dir}: train one with "
                                 "`nanochat sft`, or serve the base model with `-i base`")
     return best[1]
 
@@ -115,12 +116,12 @@ def replica_devices(runtime: Runtime, num_workers: int | None) -> list[torch.dev
         available = torch.cuda.device_count()
         n = available if num_workers is None else num_workers
         if n > available:
-            raise ValueError(f"--num-workers {n} asks for more replicas than the {available} visible GPU(s); "
-                             f"use at most {available} (one replica per GPU)")
+            raise UserError(f"--num-workers {n} asks for more replicas than the {available} visible GPU(s); "
+                            f"use at most {available} (one replica per GPU)")
         return [torch.device("cuda", i) for i in range(n)]
     n = 1 if num_workers is None else num_workers
     if runtime.device_type == "mps" and n > 1:
-        raise ValueError("--num-workers > 1 needs several GPUs; on mps use 1")
+        raise UserError("--num-workers > 1 needs several GPUs; on mps use 1")
     # several CPU replicas share the cores; they only help with many small requests
     return [runtime.device] * n
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from nanochat.errors import UserError
 from nanochat.tasks.common import MC_LETTERS, Conversation, Task, check_mc_answer, render_mc
 from nanochat.tasks.hub import load_hub_rows
 
@@ -25,7 +26,7 @@ def arc_conversation(row: dict[str, Any]) -> Conversation:
     texts = list(row["choices"]["text"])
     key = row["answerKey"]
     if key not in labels:
-        raise ValueError(f"ARC row {row.get('id')!r}: answer {key!r} is not one of the labels {labels}")
+        raise UserError(f"ARC row {row.get('id')!r}: answer {key!r} is not one of the labels {labels}")
     letters = list(MC_LETTERS[:len(labels)])
     answer = letters[labels.index(key)]
     return {

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from nanochat.errors import MissingInputError, UserError
 from nanochat.tasks.common import Conversation, Task
 
 IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
@@ -60,7 +61,7 @@ def read_conversations(path: str | os.PathLike) -> list[list[dict[str, str]]]:
         hint = ""
         if path.name == "identity_conversations.jsonl":
             hint = f" Download the reference identity conversations with: curl -L -o {path} {IDENTITY_URL}"
-        raise FileNotFoundError(f"conversations file {path} does not exist.{hint}")
+        raise MissingInputError(f"conversations file {path} does not exist.{hint}")
     conversations, problems = [], []
     with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
         for lineno, line in enumerate(f, 1):
@@ -80,11 +81,11 @@ def read_conversations(path: str | os.PathLike) -> list[list[dict[str, str]]]:
     if problems:
         shown = problems[:MAX_REPORTED]
         more = f"\n... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
-        raise ValueError(f"{len(problems)} malformed conversation(s) in {path} "
-                         f"(each line must be a JSON list of alternating user/assistant messages):\n"
-                         + "\n".join(shown) + more)
+        raise UserError(f"{len(problems)} malformed conversation(s) in {path} "
+                        f"(each line must be a JSON list of alternating user/assistant messages):\n"
+                        + "\n".join(shown) + more)
     if not conversations:
-        raise ValueError(f"{path} contains no conversations (one JSON list of messages per line)")
+        raise UserError(f"{path} contains no conversations (one JSON list of messages per line)")
     return conversations
 
 

@@ -57,6 +57,7 @@ import pyarrow.parquet as pq
 
 from nanochat.common import atomic_write_text, get_base_dir
 from nanochat.downloads import DownloadError, download_file
+from nanochat.errors import MissingInputError, UserError
 
 log = logging.getLogger("nanochat.tasks.hub")
 
@@ -106,8 +107,8 @@ def resolve_mirror(mirror: str | None) -> str | None:
     if not mirror.startswith(("http://", "https://", "file://")):
         # a bare local path is the likeliest mistake; say how to write it
         hint = f" (did you mean file://{Path(mirror).expanduser().resolve()}?)" if "://" not in mirror else ""
-        raise ValueError(f"HF mirror {mirror!r} must be an http://, https:// or file:// URL{hint}; "
-                         f"set it with mirror=... or ${MIRROR_ENV}")
+        raise UserError(f"HF mirror {mirror!r} must be an http://, https:// or file:// URL{hint}; "
+                        f"set it with mirror=... or ${MIRROR_ENV}")
     return mirror
 
 
@@ -128,16 +129,16 @@ def _validate_parquet(path: str | os.PathLike) -> None:
     try:
         pq.read_metadata(path)
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError for non-parquet bytes
-        raise ValueError(f"{path} is not a valid Parquet file: {e}") from e
+        raise UserError(f"{path} is not a valid Parquet file: {e}") from e
 
 
 def _validate_json_list(path: str | os.PathLike) -> None:
     try:
         value = json.loads(Path(path).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not JSON: {e}") from e
+        raise UserError(f"{path} is not JSON: {e}") from e
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{path} is not a JSON list of strings")
+        raise UserError(f"{path} is not a JSON list of strings")
 
 
 @contextlib.contextmanager
@@ -199,9 +200,9 @@ def _sources_from_mirror(mirror: str, repo: str, subset: str, split: str, direct
     if names is not None:
         for n in names:
             if not _NAME_RE.match(n) or not n.endswith(".parquet"):
-                raise ValueError(f"mirror manifest of {repo}/{subset}/{split} lists a bad file name {n!r}")
+                raise UserError(f"mirror manifest of {repo}/{subset}/{split} lists a bad file name {n!r}")
         if not names:
-            raise ValueError(f"mirror manifest of {repo}/{subset}/{split} at {mirror} lists no files")
+            raise UserError(f"mirror manifest of {repo}/{subset}/{split} at {mirror} lists no files")
         return [(mirror_file_url(mirror, repo, subset, split, n), n) for n in names]
     return []  # no manifest: the caller probes 00000.parquet, 00001.parquet, ...
 
@@ -214,12 +215,12 @@ def _sources_from_hub(endpoint: str, repo: str, subset: str, split: str, directo
     except DownloadError as e:
         if not is_missing(e):
             raise
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"could not list the Parquet export of {repo} (subset {subset!r}, split {split!r}) at {url}: {e}. "
             f"Check the dataset, subset and split names, your network, or point ${MIRROR_ENV} at a mirror "
             f"(file:// or http(s)://) laid out as <org>--<name>/<subset>/<split>/00000.parquet") from e
     if not urls:
-        raise FileNotFoundError(f"the hub lists no Parquet files for {repo} subset {subset!r} split {split!r} ({url})")
+        raise MissingInputError(f"the hub lists no Parquet files for {repo} subset {subset!r} split {split!r} ({url})")
     return [(u, f"{k:05d}.parquet") for k, u in enumerate(urls)]
 
 
@@ -281,7 +282,7 @@ def _probe_mirror(mirror: str, repo: str, subset: str, split: str, directory: Pa
             if not is_missing(e):
                 raise
             if not names:
-                raise FileNotFoundError(
+                raise MissingInputError(
                     f"{repo} (subset {subset!r}, split {split!r}) is not on mirror {mirror}: {e}. The mirror must "
                     f"hold <org>--<name>/<subset>/<split>/00000.parquet (and manifest.json)") from e
             return names

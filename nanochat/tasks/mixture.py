@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanochat.downloads import DownloadError, download_file
+from nanochat.errors import MissingInputError, UserError
 from nanochat.tasks.arc import ARC
 from nanochat.tasks.common import TaskMixture
 from nanochat.tasks.customjson import IDENTITY_URL, CustomJSON, read_conversations
@@ -85,11 +86,11 @@ def parse_component(spec: str) -> Component:
     epochs, its first 500 rows. Raises ValueError naming the spec and the accepted forms."""
     text = spec.strip() if isinstance(spec, str) else ""
     if not text:
-        raise ValueError(f"empty mixture spec {spec!r}; use NAME[:EPOCHS][@ROWS], e.g. gsm8k:4")
+        raise UserError(f"empty mixture spec {spec!r}; use NAME[:EPOCHS][@ROWS], e.g. gsm8k:4")
     if text.startswith("jsonl:"):
         m = _JSONL_RE.match(text)
         if not m:
-            raise ValueError(f"mixture spec {text!r}: give a file, as jsonl:/path/to/file.jsonl[:EPOCHS][@ROWS]")
+            raise UserError(f"mixture spec {text!r}: give a file, as jsonl:/path/to/file.jsonl[:EPOCHS][@ROWS]")
         name, path = "jsonl", m.group("path")
     else:
         m = _SPEC_RE.match(text)
@@ -97,8 +98,8 @@ def parse_component(spec: str) -> Component:
         if not m or name not in COMPONENTS:
             close = difflib.get_close_matches(name, list(COMPONENTS), n=2, cutoff=0.6)
             hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-            raise ValueError(f"mixture spec {text!r}: unknown component {name!r}{hint}; known: "
-                             f"{', '.join(COMPONENTS)}, and jsonl:/path/file.jsonl (form NAME[:EPOCHS][@ROWS])")
+            raise UserError(f"mixture spec {text!r}: unknown component {name!r}{hint}; known: "
+                            f"{', '.join(COMPONENTS)}, and jsonl:/path/file.jsonl (form NAME[:EPOCHS][@ROWS])")
     epochs = _spec_int(text, "EPOCHS", m.group("epochs"), minimum=0) if m.group("epochs") is not None else 1
     rows = _spec_int(text, "ROWS", m.group("rows"), minimum=1) if m.group("rows") is not None else None
     return Component(name=name, epochs=epochs, rows=rows, path=path)
@@ -106,8 +107,8 @@ def parse_component(spec: str) -> Component:
 
 def _spec_int(spec: str, what: str, text: str, minimum: int) -> int:
     if not text.isdigit() or int(text) < minimum:
-        raise ValueError(f"mixture spec {spec!r}: {what} must be an integer >= {minimum}, got {text!r} "
-                         f"(form: NAME[:EPOCHS][@ROWS], e.g. gsm8k:4 or spelling@5000)")
+        raise UserError(f"mixture spec {spec!r}: {what} must be an integer >= {minimum}, got {text!r} "
+                        f"(form: NAME[:EPOCHS][@ROWS], e.g. gsm8k:4 or spelling@5000)")
     return int(text)
 
 
@@ -120,10 +121,10 @@ def parse_mixture(specs: Sequence[str]) -> list[Component]:
         except ValueError as e:
             problems.append(str(e))
     if problems:
-        raise ValueError("; ".join(problems))
+        raise UserError("; ".join(problems))
     components = [c for c in components if c.epochs > 0]
     if not components:
-        raise ValueError(f"the mixture {list(specs)} has no component with at least one epoch")
+        raise UserError(f"the mixture {list(specs)} has no component with at least one epoch")
     return components
 
 
@@ -145,7 +146,7 @@ def ensure_identity_conversations(base_dir: Path, url: str | None = None) -> Pat
     try:
         download_file(url, path, timeout=60, retries=3, validate=read_conversations)
     except DownloadError as e:
-        raise FileNotFoundError(f"{path} is missing and could not be downloaded from {url}: {e}. Put the file "
+        raise MissingInputError(f"{path} is missing and could not be downloaded from {url}: {e}. Put the file "
                                 f"there, pass --identity-url (file:// works), or leave 'identity' out of --mixture") from e
     return path
 
@@ -157,7 +158,7 @@ def build_component(comp: Component, base_dir: Path, identity_url: str | None = 
     if name == "jsonl":
         path = Path(comp.path).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"mixture component jsonl:{comp.path}: no such file; give an existing JSONL "
+            raise MissingInputError(f"mixture component jsonl:{comp.path}: no such file; give an existing JSONL "
                                     "file of conversations (one JSON list of messages per line)")
         return CustomJSON(filepath=path, stop=comp.rows)
     if name == "identity":
@@ -194,7 +195,7 @@ def build_mixture(components: Sequence[Component], base_dir: Path, identity_url:
             raise kind(f"mixture component {comp}: {e}. To go on without it, list the other components "
                        f"with --mixture (see `nanochat sft --help`)") from e
         if len(task) == 0:
-            raise ValueError(f"mixture component {comp} has no rows")
+            raise UserError(f"mixture component {comp} has no rows")
         tasks.extend([task] * comp.epochs)
         lines.append(f"{comp}: {len(task):,} rows × {comp.epochs} = {len(task) * comp.epochs:,}")
     return TaskMixture(tasks, seed=seed), lines

@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from nanochat.errors import UserError
 from nanochat.tasks.common import Conversation, Task, check_mc_answer, render_mc
 from nanochat.tasks.hub import Rows, load_hub_table
 
@@ -53,7 +54,7 @@ def mmlu_conversation(row: dict[str, Any]) -> Conversation:
     """One MMLU row (question, choices[4], answer index, subject) -> a conversation."""
     choices = list(row["choices"])
     if len(choices) != 4 or not 0 <= row["answer"] < 4:
-        raise ValueError(f"MMLU row has {len(choices)} choices and answer {row['answer']}; expected 4 and 0..3")
+        raise UserError(f"MMLU row has {len(choices)} choices and answer {row['answer']}; expected 4 and 0..3")
     return {
         "messages": [
             {"role": "user", "content": render_mc(row["question"], LETTERS, choices)},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from nanochat.errors import UserError
 from nanochat.tasks.common import Conversation, Task
 from nanochat.tasks.hub import load_hub_rows
 
@@ -22,17 +23,17 @@ def smoltalk_conversation(row: dict[str, Any], where: str = "SmolTalk row") -> C
     message is kept; the tokenizer folds it into the first user turn)."""
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: 'messages' must be a non-empty list")
+        raise UserError(f"{where}: 'messages' must be a non-empty list")
     turns = messages[1:] if messages[0].get("role") == "system" else messages
     if len(turns) < 2:
-        raise ValueError(f"{where}: needs at least a user and an assistant message, has {len(turns)}")
+        raise UserError(f"{where}: needs at least a user and an assistant message, has {len(turns)}")
     offset = len(messages) - len(turns)
     for i, message in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
         if message.get("role") != expected:
-            raise ValueError(f"{where}: message {i + offset} has role {message.get('role')!r}, expected {expected!r}")
+            raise UserError(f"{where}: message {i + offset} has role {message.get('role')!r}, expected {expected!r}")
         if not isinstance(message.get("content"), str):
-            raise ValueError(f"{where}: message {i + offset} content must be a string")
+            raise UserError(f"{where}: message {i + offset} content must be a string")
     return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
 
 

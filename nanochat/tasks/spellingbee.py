@@ -24,6 +24,7 @@ from pathlib import Path
 
 from nanochat.common import get_base_dir
 from nanochat.downloads import DownloadError, download_file
+from nanochat.errors import MissingInputError, UserError
 from nanochat.tasks.common import Conversation, Task
 from nanochat.tasks.gsm8k import answers_match, extract_answer, reference_answer
 from nanochat.tasks.hub import is_missing
@@ -94,7 +95,7 @@ def _read_words(path: str, mtime_ns: int) -> tuple[str, ...]:
     with open(path, encoding="utf-8") as f:
         words = tuple(w for w in (line.strip() for line in f) if w)
     if not words:
-        raise ValueError(f"word list {path} is empty")
+        raise UserError(f"word list {path} is empty")
     return words
 
 
@@ -103,9 +104,9 @@ def _validate_word_list(path: str | os.PathLike) -> None:
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not a UTF-8 word list") from e
+        raise UserError(f"{path} is not a UTF-8 word list") from e
     if not text.strip() or "<" in text:  # an empty body or an HTML error page
-        raise ValueError(f"{path} does not look like a word list (one word per line)")
+        raise UserError(f"{path} does not look like a word list (one word per line)")
 
 
 def load_words(words_path: str | os.PathLike | None = None, *, base_dir=None,
@@ -115,7 +116,7 @@ def load_words(words_path: str | os.PathLike | None = None, *, base_dir=None,
     if words_path is not None:
         path = Path(words_path).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"word list {path} does not exist; pass words_path=None to download it")
+            raise MissingInputError(f"word list {path} does not exist; pass words_path=None to download it")
     else:
         path = get_base_dir(base_dir) / WORDS_FILE
         if not path.is_file():
@@ -125,7 +126,7 @@ def load_words(words_path: str | os.PathLike | None = None, *, base_dir=None,
             except DownloadError as e:
                 if not is_missing(e):
                     raise
-                raise FileNotFoundError(f"could not download the word list from {url}: {e}. "
+                raise MissingInputError(f"could not download the word list from {url}: {e}. "
                                         f"Put a copy at {path}, or set ${WORDS_URL_ENV} to a reachable URL") from e
     return _read_words(str(path), path.stat().st_mtime_ns)
 
