@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from nanochat import checkpoint as ckpt
 from nanochat.common import Runtime, atomic_write_text, release_free_memory
+from nanochat.errors import UserError
 
 log = logging.getLogger("nanochat.training")
 
@@ -128,10 +129,22 @@ def after_step(step: int, first_step: int) -> None:
 # -----------------------------------------------------------------------------
 # The loop around it: resume, evaluate, save, train, clean up
 
-def find_resume_step(ckpt_dir: Path, resume_from_step: int | None, resume: str | None) -> int | None:
+def find_resume_step(ckpt_dir: Path, resume_from_step: int | None, resume: str | None,
+                     runtime: Runtime | None = None) -> int | None:
     """The step to resume from: the newest complete checkpoint in `ckpt_dir` for
-    `--resume latest`, else `--resume-from-step` (None: start afresh)."""
-    return ckpt.find_last_step(ckpt_dir) if resume == "latest" else resume_from_step
+    `--resume latest`, else `--resume-from-step` (None: start afresh).
+
+    With a `runtime`, rank 0 decides (only its disk surely has the checkpoints) and every
+    node is given that step's weights and meta (see node_sync)."""
+    if runtime is None or not runtime.distributed:
+        return ckpt.find_last_step(ckpt_dir) if resume == "latest" else resume_from_step
+    from nanochat.node_sync import checkpoint_files, from_master, sync_files
+
+    step = find_resume_step(ckpt_dir, resume_from_step, resume) if runtime.is_master else None
+    step = from_master(runtime, step)
+    if step is not None:
+        sync_files(runtime, checkpoint_files(runtime.base_dir, ckpt_dir, step))
+    return step
 
 
 def restore_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -143,7 +156,7 @@ def restore_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, optimi
     model_state, optim_state, meta = ckpt.load_checkpoint(ckpt_dir, step, runtime.device, load_optimizer=True,
                                                           rank=runtime.rank)
     if meta.get("model_config") != model_config:
-        raise ValueError(mismatch.format(ckpt_dir=ckpt_dir, saved=meta.get("model_config"), expected=model_config))
+        raise UserError(mismatch.format(ckpt_dir=ckpt_dir, saved=meta.get("model_config"), expected=model_config))
     model.load_state_dict(model_state)
     optimizer.load_state_dict(optim_state)
     del model_state, optim_state
@@ -236,8 +249,8 @@ class WandbSink(MetricSink):
         try:
             import wandb
         except ImportError as e:
-            raise ValueError("--run asks for wandb logging but wandb is not installed: "
-                             "pip install 'nanochat[wandb]' or drop --run") from e
+            raise UserError("--run asks for wandb logging but wandb is not installed: "
+                            "pip install 'nanochat[wandb]' or drop --run") from e
         self._run = wandb.init(project=project, name=run_name, config=config)
 
     def log(self, record: dict) -> None:

@@ -223,6 +223,114 @@ def test_torchrun_two_processes_match_one(trained_tok_dir, tmp_path):
     assert len(list(ckpt.glob("model_*.pt"))) == 1
 
 
+def _two_nodes(args: list[str], bases: list[Path], env: dict) -> list[subprocess.CompletedProcess]:
+    """Two `torchrun --nnodes 2` launches on localhost, one process each, each with its
+    own base dir: two nodes that share no disk."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--node-rank", str(i), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                               "-m", "nanochat", *args, "--base-dir", str(base)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i, base in enumerate(bases)]
+    out = []
+    for p in procs:
+        try:
+            stdout, _ = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, ""))
+    return out
+
+
+def _node0_with_source(trained_tok_dir: Path, node0: Path, source: Path, env: dict) -> None:
+    """A first node's base dir as `nanochat download` leaves it (shards of a recorded
+    file:// source) plus the tokenizer."""
+    shutil.copytree(OPENSTAX, source)
+    node0.mkdir()
+    shutil.copytree(trained_tok_dir / "tokenizer", node0 / "tokenizer")
+    subprocess.run([sys.executable, "-m", "nanochat", "download", "-n", "8", "--base-dir", str(node0)],
+                   env={**env, "NANOCHAT_DATA_URL": f"file://{source}", "NANOCHAT_DATA_SHARDS": "6"},
+                   check=True, capture_output=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_two_nodes_without_a_shared_disk(trained_tok_dir, tmp_path):
+    """Multi-node without a shared disk: the second node starts with an empty base dir;
+    base-train gives it rank 0's tokenizer (sent over the process group) and the shards
+    (downloaded from the source node 0 recorded), and the losses equal a one-node
+    two-process run's."""
+    env = {**os.environ, "NANOCHAT_DTYPE": "float32", "OMP_NUM_THREADS": "1"}
+    args = ["base-train", *TOY, "--num-iterations", "3", "--eval-every", "0", "--sample-every", "0"]
+    one = _fresh_base(trained_tok_dir, tmp_path / "one")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "--master-port", str(_free_port()), "-m", "nanochat", *args, "--base-dir", str(one)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    _node0_with_source(trained_tok_dir, node0, tmp_path / "source", env)
+    node1.mkdir()
+    runs = _two_nodes(args, [node0, node1], env)
+    assert [p.returncode for p in runs] == [0, 0], runs[0].stdout[-3000:] + runs[1].stdout[-3000:]
+    # the tokenizer and source.json were sent; the shards came from the source
+    assert "rank 1 downloaded 6 and received 3 file(s)" in runs[0].stdout, runs[0].stdout[-3000:]
+    for rel in ["tokenizer/tokenizer.pkl", "tokenizer/token_bytes.pt", *(f"base_data/shard_{i:05d}.parquet" for i in range(6))]:
+        assert (node1 / rel).read_bytes() == (node0 / rel).read_bytes(), rel
+    assert _losses(node0 / "base_checkpoints" / "d2") == _losses(one / "base_checkpoints" / "d2")
+    # only global rank 0 writes weights; the other node keeps its own optimizer shard
+    assert (node0 / "base_checkpoints" / "d2" / "model_000003.pt").is_file()
+    assert (node1 / "base_checkpoints" / "d2" / "optim_000003_rank1.pt").is_file()
+
+    # resume on both nodes: node 1 has no weights on its disk, so it is sent step 3's;
+    # and with the source gone, shards a node lacks come from rank 0 too
+    shutil.rmtree(tmp_path / "source")
+    for p in (node1 / "base_data").glob("shard_0000[45].parquet"):
+        p.unlink()
+    runs = _two_nodes([*args[:-6], "--num-iterations", "4", "--eval-every", "0", "--sample-every", "0",
+                                 "--resume", "latest"], [node0, node1], env)
+    assert [p.returncode for p in runs] == [0, 0], runs[0].stdout[-3000:] + runs[1].stdout[-3000:]
+    # two syncs: the missing shards, then step 3's weights and meta
+    assert "resumed from" in runs[0].stdout, runs[0].stdout[-3000:]
+    assert runs[0].stdout.count("rank 1 downloaded 0 and received 2 file(s)") == 2, runs[0].stdout[-3000:]
+    assert sorted(_losses(node0 / "base_checkpoints" / "d2")) == [0, 1, 2, 3]  # step 3 trained after the resume
+
+    # an evaluation stage loads rank 0's newest checkpoint on every node
+    for p in (node1 / "base_checkpoints" / "d2").glob("*_000004*"):
+        p.unlink()
+    runs = _two_nodes(["base-loss", "--split-tokens", "2048", "--device-batch-size", "4", "--max-tokens", "2",
+                       "--device-type", "cpu"], [node0, node1], env)
+    assert [p.returncode for p in runs] == [0, 0], runs[0].stdout[-3000:] + runs[1].stdout[-3000:]
+    assert "rank 1 downloaded 0 and received 2 file(s)" in runs[0].stdout, runs[0].stdout[-3000:]
+    assert (node1 / "base_checkpoints" / "d2" / "model_000004.pt").is_file()
+
+
+@pytest.mark.slow
+def test_two_nodes_download_and_tok_train(tmp_path):
+    """`download` on two nodes fetches on each node's disk; `tok-train` trains once and
+    sends the tokenizer to the other node; with one shared base dir nothing is sent."""
+    env = {**os.environ, "NANOCHAT_DTYPE": "float32", "OMP_NUM_THREADS": "1",
+           "NANOCHAT_DATA_URL": f"file://{OPENSTAX}", "NANOCHAT_DATA_SHARDS": "6"}
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    node0.mkdir(), node1.mkdir()
+    runs = _two_nodes(["download", "-n", "2"], [node0, node1], env)
+    assert [p.returncode for p in runs] == [0, 0], runs[0].stdout[-3000:] + runs[1].stdout[-3000:]
+    for base in (node0, node1):
+        assert sorted(p.name for p in (base / "base_data").glob("*.parquet")) == [
+            "shard_00000.parquet", "shard_00001.parquet", "shard_00005.parquet"]
+    tok = ["tok-train", "--max-chars", "200000", "--vocab-size", "512"]
+    runs = _two_nodes(tok, [node0, node1], env)
+    assert [p.returncode for p in runs] == [0, 0], runs[0].stdout[-3000:] + runs[1].stdout[-3000:]
+    assert "rank 1 downloaded 0 and received 2 file(s)" in runs[0].stdout, runs[0].stdout[-3000:]
+    for name in ("tokenizer.pkl", "token_bytes.pt"):
+        assert (node1 / "tokenizer" / name).read_bytes() == (node0 / "tokenizer" / name).read_bytes()
+    # one base dir for both nodes (a shared disk): the probe sees it, nothing is sent
+    runs = _two_nodes(tok, [node0, node0], env)
+    assert [p.returncode for p in runs] == [0, 0], runs[0].stdout[-3000:] + runs[1].stdout[-3000:]
+    assert "node sync" not in runs[0].stdout and "saved tokenizer" in runs[0].stdout
+
+
 @pytest.mark.slow
 def test_reference_minus_one_means_never(trained_tok_dir, tmp_path):
     """A reference command line's `-1` keeps its meaning: no evaluation, CORE or samples at

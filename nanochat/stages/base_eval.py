@@ -22,6 +22,7 @@ import torch
 
 from nanochat.common import Runtime, atomic_write_text
 from nanochat.config import check, option
+from nanochat.errors import MissingInputError, UserError
 
 log = logging.getLogger("nanochat.base_eval")
 
@@ -96,7 +97,7 @@ class HFTokenizer:
         self.tok = tok
         bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         if bos is None:
-            raise ValueError("this Hugging Face tokenizer has neither a BOS nor an EOS token to start documents with")
+            raise UserError("this Hugging Face tokenizer has neither a BOS nor an EOS token to start documents with")
         self.bos_token_id = bos
 
     def get_bos_token_id(self) -> int:
@@ -147,13 +148,13 @@ def load_hf_model(hf_path: str, device: torch.device, trust_remote_code: bool = 
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:
-        raise ValueError("--hf-path needs the transformers package: pip install 'nanochat[hf]' "
-                         "(or pip install transformers)") from e
+        raise UserError("--hf-path needs the transformers package: pip install 'nanochat[hf]' "
+                        "(or pip install transformers)") from e
     path = Path(hf_path).expanduser()
     if path.is_dir():
         source, kwargs = path, {"local_files_only": True, "trust_remote_code": trust_remote_code or _is_our_export(path)}
     elif path.exists() or hf_path.startswith((".", "/", "~")) or hf_path.count("/") != 1:
-        raise FileNotFoundError(f"--hf-path {hf_path}: no such directory; give a folder written by save_pretrained "
+        raise MissingInputError(f"--hf-path {hf_path}: no such directory; give a folder written by save_pretrained "
                                 "or `nanochat export`, or a hub id such as openai-community/gpt2")
     else:
         source, kwargs = hf_path, {"trust_remote_code": trust_remote_code}
@@ -161,7 +162,7 @@ def load_hf_model(hf_path: str, device: torch.device, trust_remote_code: bool = 
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(source, **kwargs))
     except OSError as e:  # not found locally, no network, no such repository
-        raise FileNotFoundError(f"--hf-path {hf_path}: could not load it ({e})") from e
+        raise MissingInputError(f"--hf-path {hf_path}: could not load it ({e})") from e
     model.float().to(device).eval()
     cfg = model.config
     max_seq_len = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
@@ -214,11 +215,14 @@ def _load(config: Config, runtime: Runtime):
         return (model, tokenizer, config.hf_path, slug, model.max_seq_len or 1024,
                 tokenizer.token_bytes().to(runtime.device), True)
     from nanochat.checkpoint import find_largest_tag, load_model, stage_root
+    from nanochat.node_sync import pretraining_files, sync_checkpoint
     from nanochat.tokenizer import get_token_bytes
 
-    tag = config.tag or find_largest_tag(stage_root(runtime.base_dir, "base"))
-    model, tokenizer, meta = load_model("base", runtime.base_dir, runtime.device, runtime.dtype,
-                                        tag=tag, step=config.step)
+    # multi-node: every node gets rank 0's checkpoint, and its shards for bpb (see node_sync)
+    tag, step = sync_checkpoint(runtime, "base", config.tag, config.step,
+                                extra=pretraining_files(runtime.base_dir, config.dataset))
+    tag = tag or find_largest_tag(stage_root(runtime.base_dir, "base"))
+    model, tokenizer, meta = load_model("base", runtime.base_dir, runtime.device, runtime.dtype, tag=tag, step=step)
     model.eval()
     token_bytes = None
     if "bpb" in config.modes():

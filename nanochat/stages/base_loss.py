@@ -36,11 +36,14 @@ class Config:
 def run(config: Config, runtime: Runtime) -> dict:
     from nanochat.checkpoint import load_model
     from nanochat.loss_eval import SAMPLE_PROMPTS, complete_prompts, split_bpb
+    from nanochat.node_sync import pretraining_files, sync_checkpoint
     from nanochat.report import log_section
     from nanochat.tokenizer import get_token_bytes
 
-    model, tokenizer, meta = load_model("base", runtime.base_dir, runtime.device, runtime.dtype,
-                                        tag=config.tag, step=config.step)
+    # multi-node: every node gets rank 0's checkpoint and shards (see node_sync)
+    tag, step = sync_checkpoint(runtime, "base", config.tag, config.step,
+                                extra=pretraining_files(runtime.base_dir, config.dataset))
+    model, tokenizer, meta = load_model("base", runtime.base_dir, runtime.device, runtime.dtype, tag=tag, step=step)
     model.eval()
     seq_len = config.seq_len or meta["model_config"]["sequence_len"]
     token_bytes = get_token_bytes(runtime.base_dir, device=runtime.device)

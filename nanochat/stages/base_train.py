@@ -26,6 +26,7 @@ import torch
 from nanochat import scaling
 from nanochat.common import Runtime, peak_flops, release_free_memory
 from nanochat.config import check, option, to_dict
+from nanochat.errors import UserError
 from nanochat.training import (StepLogger, Timer, apply_schedule, find_resume_step, make_grad_scaler, make_sinks,
                                optimizer_step, peak_memory_bytes, restore_checkpoint, train_loop)
 
@@ -145,7 +146,7 @@ def make_plan(config: Config, vocab_size: int, world_size: int) -> Plan:
     total_batch_size = config.total_batch_size or scaling.auto_total_batch_size(target_tokens, ref_tokens)
     tokens_per_micro = config.device_batch_size * config.max_seq_len * world_size
     if total_batch_size % tokens_per_micro:
-        raise ValueError(
+        raise UserError(
             f"--total-batch-size {total_batch_size:,} is not a multiple of device batch × sequence × devices = "
             f"{config.device_batch_size} × {config.max_seq_len} × {world_size} = {tokens_per_micro:,}; "
             f"change --total-batch-size or --device-batch-size")
@@ -156,8 +157,8 @@ def make_plan(config: Config, vocab_size: int, world_size: int) -> Plan:
     else:
         num_iterations = target_tokens // total_batch_size
     if num_iterations < 1:
-        raise ValueError(f"the horizon works out to {num_iterations} steps at batch {total_batch_size:,}; "
-                         "raise the horizon or lower --total-batch-size")
+        raise UserError(f"the horizon works out to {num_iterations} steps at batch {total_batch_size:,}; "
+                        "raise the horizon or lower --total-batch-size")
     return Plan(
         model_config=asdict(model.config), num_params=counts["total"], num_scaling_params=n_scaling,
         flops_per_token=flops_per_token, target_tokens=target_tokens, total_batch_size=total_batch_size,
@@ -172,11 +173,14 @@ def run(config: Config, runtime: Runtime) -> dict:
     from nanochat.dataloader import pretrain_batches, used_fraction
     from nanochat.gpt import GPTConfig, build_model
     from nanochat.loss_eval import SAMPLE_PROMPTS, complete_prompts, evaluate_bpb, one_pass
+    from nanochat.node_sync import pretraining_files, sync_files
     from nanochat.report import log_section
     from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
     config.validate()
     device, base_dir = runtime.device, runtime.base_dir
+    # multi-node without a shared disk: every node gets rank 0's tokenizer and shards
+    sync_files(runtime, pretraining_files(base_dir, config.dataset))
     tokenizer = get_tokenizer(base_dir)
     token_bytes = get_token_bytes(base_dir, device=device)
     plan = make_plan(config, tokenizer.get_vocab_size(), runtime.world_size)
@@ -206,7 +210,7 @@ def run(config: Config, runtime: Runtime) -> dict:
         weight_decay=plan.weight_decay, ns_dtype=runtime.muon_dtype)
 
     # --- resume ---------------------------------------------------------------
-    resume_step = find_resume_step(ckpt_dir, config.resume_from_step, config.resume)
+    resume_step = find_resume_step(ckpt_dir, config.resume_from_step, config.resume, runtime)
     step, val_bpb, min_val_bpb, smooth_loss, train_time, loader_state = 0, None, float("inf"), 0.0, 0.0, None
     if resume_step is not None:
         meta = restore_checkpoint(ckpt_dir, resume_step, model, optimizer, runtime, model_config=plan.model_config,

@@ -93,13 +93,15 @@ def _merge_report(base_dir, title: str, model_id: dict, results: dict[str, dict]
 
 def run(config: Config, runtime: Runtime) -> dict:
     from nanochat.checkpoint import load_model
+    from nanochat.node_sync import sync_checkpoint
     from nanochat.engine import Engine
     from nanochat.report import log_section
 
     config.validate()
     tasks = TASK_NAMES if config.task_name is None else tuple(parse_task_names(config.task_name))
+    tag, step = sync_checkpoint(runtime, config.source, config.model_tag, config.step)  # multi-node: see node_sync
     model, tokenizer, meta = load_model(config.source, runtime.base_dir, runtime.device, runtime.dtype,
-                                        tag=config.model_tag, step=config.step)
+                                        tag=tag, step=step)
     model.eval()
     engine = Engine(model, tokenizer)
     model_id = {"source": config.source, "tag": meta.get("model_tag", config.model_tag), "step": meta.get("step")}

@@ -47,10 +47,14 @@ class Config:
 
 def run(config: Config, runtime: Runtime) -> dict:
     from nanochat.dataset import download_shards
+    from nanochat.node_sync import base_dir_is_shared
 
     config.validate()
     metrics: dict = {}
-    if runtime.is_master:  # the other ranks wait; the per-file locks would also keep them apart
+    # One download per file system: rank 0's, and under torchrun on several nodes without
+    # a shared disk also each other node's local rank 0. The other ranks wait.
+    shared = base_dir_is_shared(runtime)
+    if runtime.is_master or (runtime.local_rank == 0 and not shared):
         metrics = download_shards(runtime.base_dir, config.num_train_shards, url=config.url,
                                   num_shards=config.num_shards, workers=config.workers,
                                   timeout=config.timeout, retries=config.retries)

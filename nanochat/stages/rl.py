@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from nanochat.common import Runtime, peak_flops
 from nanochat.config import check, option, to_dict
+from nanochat.errors import UserError
 from nanochat.training import (StepLogger, Timer, apply_schedule, find_resume_step, make_grad_scaler, make_sinks,
                                optimizer_step, peak_memory_bytes, restore_checkpoint, train_loop)
 
@@ -265,18 +266,20 @@ def run(config: Config, runtime: Runtime) -> dict:
     from nanochat import checkpoint as ckpt
     from nanochat.chat_scoring import run_chat_eval
     from nanochat.engine import Engine
+    from nanochat.node_sync import sync_checkpoint
     from nanochat.report import log_section
     from nanochat.tasks.gsm8k import GSM8K
 
     config.validate()
     device, base_dir = runtime.device, runtime.base_dir
     if config.examples_per_step % runtime.world_size:
-        raise ValueError(f"--examples-per-step {config.examples_per_step} must be a multiple of the number of "
-                         f"ranks ({runtime.world_size}) so every rank gets the same number of questions")
+        raise UserError(f"--examples-per-step {config.examples_per_step} must be a multiple of the number of "
+                        f"ranks ({runtime.world_size}) so every rank gets the same number of questions")
     examples_per_rank = config.examples_per_step // runtime.world_size
     passes_per_example = math.ceil(config.num_samples / config.device_batch_size)
 
-    model, tokenizer, source_meta = ckpt.load_model("sft", base_dir, device, runtime.dtype, tag=config.tag, step=config.step)
+    source_tag, source_step = sync_checkpoint(runtime, "sft", config.tag, config.step)  # multi-node: see node_sync
+    model, tokenizer, source_meta = ckpt.load_model("sft", base_dir, device, runtime.dtype, tag=source_tag, step=source_step)
     model_config = source_meta["model_config"]
     out_tag = config.output_tag or config.tag or source_meta.get("model_tag") or f"d{model_config['n_layer']}"
     ckpt_dir = ckpt.checkpoint_dir(base_dir, "rl", out_tag)
@@ -285,8 +288,8 @@ def run(config: Config, runtime: Runtime) -> dict:
     val_task = GSM8K(subset="main", split="test", base_dir=base_dir)
     num_steps = config.num_steps or (len(train_task) // config.examples_per_step) * config.num_epochs
     if num_steps < 1:
-        raise ValueError(f"GSM8K train has {len(train_task)} questions, fewer than --examples-per-step "
-                         f"{config.examples_per_step}: lower it or give --num-steps")
+        raise UserError(f"GSM8K train has {len(train_task)} questions, fewer than --examples-per-step "
+                        f"{config.examples_per_step}: lower it or give --num-steps")
     rank_indices = list(range(runtime.rank, len(train_task), runtime.world_size))
 
     optimizer = model.setup_optimizer(unembedding_lr=config.unembedding_lr, embedding_lr=config.embedding_lr,
@@ -297,7 +300,7 @@ def run(config: Config, runtime: Runtime) -> dict:
         group["initial_lr"] = group["lr"]
 
     # --- resume ---------------------------------------------------------------
-    resume_step = find_resume_step(ckpt_dir, config.resume_from_step, config.resume)
+    resume_step = find_resume_step(ckpt_dir, config.resume_from_step, config.resume, runtime)
     step, smooth_loss, train_time, last_eval = 0, 0.0, 0.0, {}
     if resume_step is not None:
         meta = restore_checkpoint(ckpt_dir, resume_step, model, optimizer, runtime, model_config=model_config,
@@ -310,7 +313,7 @@ def run(config: Config, runtime: Runtime) -> dict:
         smooth_loss, train_time = loop.get("smooth_train_loss", 0.0), loop.get("total_training_time", 0.0)
         last_eval = meta.get("eval", {})
         if step > num_steps:
-            raise ValueError(f"the checkpoint is at step {step}, past the run's {num_steps} steps; raise --num-steps")
+            raise UserError(f"the checkpoint is at step {step}, past the run's {num_steps} steps; raise --num-steps")
 
     engine = Engine(model, tokenizer)
     scaler = make_grad_scaler(runtime)

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from nanochat import scaling
 from nanochat.common import Runtime, peak_flops
 from nanochat.config import check, option, to_dict
+from nanochat.errors import UserError
 from nanochat.tasks.mixture import (DEFAULT_GSM8K_EPOCHS, DEFAULT_MMLU_EPOCHS, build_mixture, default_mixture,
                                     default_val_mixture, parse_mixture)
 from nanochat.training import (StepLogger, Timer, apply_schedule, find_resume_step, make_grad_scaler, make_sinks,
@@ -275,8 +276,8 @@ def _check_resumable(ckpt_dir: Path, step: int, train_specs: list[str]) -> None:
         return  # load_checkpoint explains what is missing
     saved = json.loads(path.read_text(encoding="utf-8")).get("mixture")
     if saved != train_specs:
-        raise ValueError(f"the SFT run in {ckpt_dir} trained on the mixture {saved}, not {train_specs}; "
-                         "resume with the same --mixture")
+        raise UserError(f"the SFT run in {ckpt_dir} trained on the mixture {saved}, not {train_specs}; "
+                        "resume with the same --mixture")
 
 
 def _gather_loader_states(state: dict, runtime: Runtime) -> list[dict]:
@@ -293,8 +294,8 @@ def _rank_loader_state(saved: Any, runtime: Runtime) -> dict | None:
         return None
     states = saved if isinstance(saved, list) else [saved]
     if len(states) != runtime.world_size:
-        raise ValueError(f"the SFT checkpoint was written by {len(states)} process(es) but this run has "
-                         f"{runtime.world_size}; resume with the same number of processes")
+        raise UserError(f"the SFT checkpoint was written by {len(states)} process(es) but this run has "
+                        f"{runtime.world_size}; resume with the same number of processes")
     return states[runtime.rank]
 
 
@@ -313,6 +314,7 @@ def run(config: Config, runtime: Runtime) -> dict:
     from nanochat import checkpoint as ckpt
     from nanochat.chat_scoring import evaluate_chatcore
     from nanochat.loss_eval import evaluate_bpb
+    from nanochat.node_sync import sync_checkpoint
     from nanochat.report import log_section
     from nanochat.sft_data import SFTLoader
     from nanochat.tokenizer import get_token_bytes
@@ -324,12 +326,14 @@ def run(config: Config, runtime: Runtime) -> dict:
     train_components, val_components = parse_mixture(train_specs), parse_mixture(val_specs)
 
     # --- the base model and what it passes on ----------------------------------
-    base_tag = config.model_tag or ckpt.find_largest_tag(ckpt.stage_root(base_dir, "base"))
-    base_step = config.model_step if config.model_step is not None else \
+    # rank 0 picks the checkpoint (default: its newest) and every node gets its files
+    base_tag, base_step = sync_checkpoint(runtime, "base", config.model_tag, config.model_step)
+    base_tag = base_tag or ckpt.find_largest_tag(ckpt.stage_root(base_dir, "base"))
+    base_step = base_step if base_step is not None else \
         ckpt.find_last_step(ckpt.checkpoint_dir(base_dir, "base", base_tag))
     tag = config.output_tag or base_tag
     ckpt_dir = ckpt.checkpoint_dir(base_dir, "sft", tag)
-    resume_step = find_resume_step(ckpt_dir, config.resume_from_step, config.resume)
+    resume_step = find_resume_step(ckpt_dir, config.resume_from_step, config.resume, runtime)
     if resume_step is not None:
         _check_resumable(ckpt_dir, resume_step, train_specs)
     model, tokenizer, base_meta = ckpt.load_model("base", base_dir, device, runtime.dtype, tag=base_tag,
@@ -341,9 +345,9 @@ def run(config: Config, runtime: Runtime) -> dict:
     B, T, total_batch_size = hp["device_batch_size"], hp["max_seq_len"], hp["total_batch_size"]
     tokens_per_micro = B * T * runtime.world_size
     if total_batch_size % tokens_per_micro:
-        raise ValueError(f"total batch size {total_batch_size:,} is not a multiple of device batch × sequence × devices"
-                         f" = {B} × {T} × {runtime.world_size} = {tokens_per_micro:,}; set --total-batch-size, "
-                         f"--device-batch-size or --max-seq-len so that it is")
+        raise UserError(f"total batch size {total_batch_size:,} is not a multiple of device batch × sequence × devices"
+                        f" = {B} × {T} × {runtime.world_size} = {tokens_per_micro:,}; set --total-batch-size, "
+                        f"--device-batch-size or --max-seq-len so that it is")
     grad_accum = total_batch_size // tokens_per_micro
     if T > model.config.sequence_len:
         log.warning("--max-seq-len %d is longer than the %d tokens the base model was trained on", T,

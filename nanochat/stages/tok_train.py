@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from nanochat.common import Runtime
 from nanochat.config import check, option, to_dict
 from nanochat.dataset import data_dir, tokenizer_train_texts
+from nanochat.errors import UserError
 from nanochat.report import log_section
-from nanochat.tokenizer import SPECIAL_TOKENS, TOKENIZER_SUBDIR, Tokenizer
+from nanochat.tokenizer import PICKLE_NAME, SPECIAL_TOKENS, TOKEN_BYTES_NAME, TOKENIZER_SUBDIR, Tokenizer
 
 log = logging.getLogger("nanochat.tok_train")
 
@@ -58,22 +59,32 @@ class _Counter:
 
 
 def run(config: Config, runtime: Runtime) -> dict:
+    from nanochat.node_sync import sync_files
+
     config.validate()
+    tokenizer_dir = runtime.base_dir / TOKENIZER_SUBDIR
+    metrics: dict = {}
+    # Under torchrun one process trains (the result is the same on every rank) and every
+    # node gets its files: through the shared disk, or sent from rank 0 (node_sync).
+    if runtime.is_master:
+        metrics = _train(config, runtime, tokenizer_dir)
+    runtime.barrier()
+    sync_files(runtime, [f"{TOKENIZER_SUBDIR}/{PICKLE_NAME}", f"{TOKENIZER_SUBDIR}/{TOKEN_BYTES_NAME}"])
+    return metrics
+
+
+def _train(config: Config, runtime: Runtime, tokenizer_dir) -> dict:
     stream = _Counter(tokenizer_train_texts(runtime.base_dir, config.max_chars, config.doc_cap, config.dataset))
     t0 = time.perf_counter()
     tokenizer = Tokenizer.train_from_iterator(stream, config.vocab_size)
     train_time = time.perf_counter() - t0
     if stream.docs == 0:
-        raise ValueError(f"the training shards in {data_dir(runtime.base_dir, config.dataset)} hold no text")
+        raise UserError(f"the training shards in {data_dir(runtime.base_dir, config.dataset)} hold no text")
     log.info("trained on %s characters (%s documents) in %.2fs", f"{stream.chars:,}", f"{stream.docs:,}", train_time)
 
     decoded = tokenizer.decode(tokenizer.encode(_SANITY_TEXT))
     assert decoded == _SANITY_TEXT, f"round trip failed: {decoded!r}"
-
-    tokenizer_dir = runtime.base_dir / TOKENIZER_SUBDIR
-    if runtime.is_master:
-        tokenizer.save(tokenizer_dir)
-    runtime.barrier()
+    tokenizer.save(tokenizer_dir)
 
     token_bytes = tokenizer.token_bytes()
     learned = token_bytes[token_bytes > 0].float()
@@ -91,6 +102,5 @@ def run(config: Config, runtime: Runtime) -> dict:
     }
     log.info("token byte lengths: min %d, max %d, mean %.3f, std %.3f", metrics["token_bytes_min"],
              metrics["token_bytes_max"], metrics["token_bytes_mean"], metrics["token_bytes_std"])
-    if runtime.is_master:
-        log_section(runtime.base_dir, "Tokenizer training", {"config": to_dict(config), "metrics": metrics})
+    log_section(runtime.base_dir, "Tokenizer training", {"config": to_dict(config), "metrics": metrics})
     return metrics
