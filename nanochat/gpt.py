@@ -511,18 +511,22 @@ class GPT(nn.Module):
 
     def setup_optimizer(self, unembedding_lr: float = 0.004, embedding_lr: float = 0.2, matrix_lr: float = 0.02,
                         weight_decay: float = 0.0, scalar_lr: float = 0.5,
-                        adam_betas: tuple[float, float] | None = None, ns_dtype: torch.dtype | None = None):
+                        adam_betas: tuple[float, float] | None = None, ns_dtype: torch.dtype | None = None,
+                        muon_eq: bool = False, muon_plus: bool = False):
         """MuonAdamW over `optimizer_groups(...)`, each group's "initial_lr" set to its lr.
 
         ns_dtype: dtype of Muon's Polar Express matmuls. None follows the compute dtype:
         bf16 when the model computes in bf16 (the reference's choice, on GPUs and CPUs with
         native bf16), fp32 otherwise: on a CPU without native bf16 (AVX2 only) bf16 matmuls
-        are emulated ~100x slower than fp32 and the optimizer step dominated training."""
+        are emulated ~100x slower than fp32 and the optimizer step dominated training.
+        muon_eq, muon_plus: upstream's MuonEq and Muon+ refinements of the Muon step (see
+        nanochat.optim); both off is the reference's optimizer."""
         from nanochat.optim import MuonAdamW
         if ns_dtype is None:
             ns_dtype = torch.bfloat16 if self.compute_dtype == torch.bfloat16 else torch.float32
         optimizer = MuonAdamW(self.optimizer_groups(unembedding_lr, embedding_lr, matrix_lr, weight_decay,
-                                                    scalar_lr, adam_betas), ns_dtype=ns_dtype)
+                                                    scalar_lr, adam_betas), ns_dtype=ns_dtype,
+                              muon_eq=muon_eq, muon_plus=muon_plus)
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]
         return optimizer

@@ -15,7 +15,9 @@ Two update rules share one `torch.optim.Optimizer`, chosen per param group by
   per-column second-moment normalisation (https://arxiv.org/abs/2510.05491); then
   "cautious" weight decay, which only shrinks weights where the update already pushes
   them toward zero. The matrices of a group are stacked into one (K, rows, cols) tensor
-  so each step is a handful of batched matmuls.
+  so each step is a handful of batched matmuls. Two later refinements are options of the
+  constructor (upstream nanochat has both on; the reference has neither): MuonEq row
+  equilibration before the orthogonalisation and Muon+ Frobenius renormalisation after it.
 
 Distributed (ZeRO-2 style): when `torch.distributed` is initialised with more than one
 rank at construction time, the same class averages gradients across ranks and shards
@@ -97,6 +99,24 @@ def polar_express(g: Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16
     return x.reshape(shape)
 
 
+def equilibrate_rows(g: Tensor) -> Tensor:
+    """MuonEq (https://arxiv.org/abs/2603.28254): scale every row of each matrix in `g`
+    (..., rows, cols) to the matrices' mean row norm ||G||_F / sqrt(rows). Rows of very
+    different size make the spectrum badly conditioned, and Polar Express, which starts
+    from G / ||G||_F, then leaves the small singular values far from 1."""
+    row = g.norm(dim=-1, keepdim=True).clamp_min(1e-6)                       # (..., rows, 1)
+    mean = g.norm(dim=(-2, -1), keepdim=True) / math.sqrt(g.size(-2))        # (..., 1, 1)
+    return g * (mean / row)
+
+
+def renormalize_frobenius(u: Tensor) -> Tensor:
+    """Muon+ (https://arxiv.org/abs/2602.21545): rescale each orthogonalised matrix in `u`
+    (..., rows, cols) in place to Frobenius norm sqrt(min(rows, cols)), the norm of an
+    exactly semi-orthogonal matrix, undoing the iteration's incomplete convergence."""
+    target = math.sqrt(min(u.size(-2), u.size(-1)))
+    return u.mul_(target / u.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6))
+
+
 def adamw_update(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Scalar,
                  lr: Scalar, beta1: Scalar, beta2: Scalar, eps: Scalar, wd: Scalar) -> None:
     """One AdamW step on `p` in place; moments are fp32 and so is the arithmetic.
@@ -123,20 +143,26 @@ def adamw_update(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, s
 
 def muon_update(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_moment: Tensor,
                 momentum: Scalar, lr: Scalar, wd: Scalar, beta2: Scalar, ns_steps: int,
-                red_dim: int, ns_dtype: torch.dtype = torch.bfloat16) -> None:
+                red_dim: int, ns_dtype: torch.dtype = torch.bfloat16, muon_eq: bool = False,
+                muon_plus: bool = False) -> None:
     """One Muon step on a stack of K same-shape matrices, `params` (K, rows, cols) in place.
 
     momentum_buffer: (K, rows, cols) fp32. second_moment: (K, rows, 1) when red_dim=-1
     (per-row statistics, rows >= cols) or (K, 1, cols) when red_dim=-2; fp32. `lr` already
-    includes the shape scaling.
+    includes the shape scaling. muon_eq / muon_plus: equilibrate_rows before Polar Express,
+    renormalize_frobenius after it.
     """
     # (written with in-place ops: two full-size fp32 temporaries besides Polar Express's)
     g = grads.float()
     # Nesterov momentum: the update looks one step ahead along the momentum
     momentum_buffer.lerp_(g, 1 - momentum)
     g = torch.lerp(g, momentum_buffer, momentum)
+    if muon_eq:
+        g = equilibrate_rows(g)
     u = polar_express(g, ns_steps, ns_dtype).float()
     del g
+    if muon_plus:
+        renormalize_frobenius(u)
     # NorMuon: divide each row (or column) by the RMS of its recent orthogonalised updates,
     # then rescale so the update keeps the Frobenius norm it had after orthogonalisation.
     n = u.size(red_dim)
@@ -248,14 +274,17 @@ class MuonAdamW(torch.optim.Optimizer):
       and slightly more exact).
     fast_collectives: use reduce-scatter/AVG (None: on the NCCL backend only).
     shard_min_numel: AdamW params smaller than this are all-reduced, not sharded.
+    muon_eq, muon_plus: MuonEq row equilibration and Muon+ renormalisation in the Muon step
+      (both off: the reference's step).
     Extra keys in a group (e.g. initial_lr) are kept and saved with the state.
     """
 
     def __init__(self, param_groups: Iterable[dict], *, compile: bool | None = None,
                  ns_dtype: torch.dtype = torch.bfloat16, fast_collectives: bool | None = None,
-                 shard_min_numel: int = 1024):
+                 shard_min_numel: int = 1024, muon_eq: bool = False, muon_plus: bool = False):
         super().__init__(list(param_groups), defaults={})  # groups are checked in add_param_group
         self.ns_dtype = ns_dtype
+        self.muon_eq, self.muon_plus = muon_eq, muon_plus
         self.shard_min_numel = shard_min_numel
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
@@ -421,7 +450,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 grads[:n], stacked, state["momentum_buffer"][:n], state["second_momentum_buffer"][:n],
                 self._scalar("muon_momentum", group["momentum"]), self._scalar("muon_lr", lr),
                 self._scalar("muon_wd", group["weight_decay"]), self._scalar("muon_beta2", beta2),
-                group["ns_steps"], red_dim, self.ns_dtype)
+                group["ns_steps"], red_dim, self.ns_dtype, self.muon_eq, self.muon_plus)
         if self._comm is None:
             torch._foreach_copy_(params, list(stacked.unbind(0)))
             return

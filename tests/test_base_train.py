@@ -66,7 +66,7 @@ def test_plan_derives_horizon_and_accumulation():
     plan = base_train.make_plan(_toy_config(num_iterations=None), vocab_size=2048, world_size=1)
     assert plan.grad_accum_steps == 2
     assert plan.num_iterations == plan.target_tokens // 1024
-    assert plan.target_tokens == int(10.5 * plan.num_scaling_params)
+    assert plan.target_tokens == int(base_train.DEFAULT_PARAM_DATA_RATIO * plan.num_scaling_params) == int(12 * plan.num_scaling_params)
     plan2 = base_train.make_plan(_toy_config(num_iterations=None, total_batch_size=None), vocab_size=2048, world_size=1)
     assert plan2.total_batch_size & (plan2.total_batch_size - 1) == 0  # a power of two
     with pytest.raises(ValueError, match="not a multiple"):

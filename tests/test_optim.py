@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.optim import MuonAdamW, polar_express
+from nanochat.optim import MuonAdamW, equilibrate_rows, polar_express, renormalize_frobenius
 
 VOCAB, DIM = 64, 32
 
@@ -155,9 +155,11 @@ def test_polar_express_approximates_the_svd_polar_factor():
     torch.testing.assert_close(polar_express(stack, 5, torch.float32)[1], polar_express(stack[1], 5, torch.float32))
 
 
-def _one_muon_step(p0: torch.Tensor, grad: torch.Tensor, **group) -> torch.Tensor:
+def _one_muon_step(p0: torch.Tensor, grad: torch.Tensor, muon_eq: bool = False, muon_plus: bool = False,
+                   **group) -> torch.Tensor:
     p = nn.Parameter(p0.clone())
-    opt = MuonAdamW([dict(kind="muon", params=[p], **group)], ns_dtype=torch.float32)
+    opt = MuonAdamW([dict(kind="muon", params=[p], **group)], ns_dtype=torch.float32, muon_eq=muon_eq,
+                    muon_plus=muon_plus)
     p.grad = grad.clone()
     opt.step()
     return p.detach()
@@ -181,6 +183,47 @@ def test_muon_step_is_orthogonalised_row_normalised_and_shape_scaled():
         torch.testing.assert_close(rms, torch.full_like(rms, rms.mean().item()), rtol=1e-4, atol=0)
         # ...and the Frobenius norm of the orthogonalised update, ~sqrt(min(rows, cols)), is kept
         assert abs(u.norm() / math.sqrt(min(rows, cols)) - 1) < 0.15
+
+
+def test_muon_eq_gives_every_row_the_mean_norm_and_ignores_row_scales():
+    torch.manual_seed(5)
+    g = torch.randn(3, 48, 16)
+    scales = torch.rand(3, 48, 1) * 20 + 0.05       # rows of wildly different size
+    e = equilibrate_rows(g * scales)
+    rows = e.norm(dim=-1)                            # (3, 48)
+    want = (g * scales).norm(dim=(-2, -1)) / math.sqrt(48)
+    torch.testing.assert_close(rows, want[:, None].expand_as(rows), rtol=1e-5, atol=0)
+    # the rows' directions are kept, their sizes dropped: the orthogonalised update no longer
+    # depends on how large each row of the gradient was
+    u_scaled = polar_express(e, 5, torch.float32)
+    u_plain = polar_express(equilibrate_rows(g), 5, torch.float32)
+    torch.testing.assert_close(u_scaled, u_plain, rtol=1e-4, atol=1e-5)
+    assert (polar_express(g * scales, 5, torch.float32) - polar_express(g, 5, torch.float32)).abs().max() > 0.1
+
+
+def test_muon_plus_gives_the_norm_of_a_semi_orthogonal_matrix():
+    torch.manual_seed(6)
+    for shape in [(2, 64, 16), (2, 16, 64)]:
+        g = torch.randn(*shape)
+        u = polar_express(g, 5, torch.float32)
+        assert (u.norm(dim=(-2, -1)) - 4.0).abs().max() > 0.05  # Polar Express alone does not converge exactly
+        torch.testing.assert_close(renormalize_frobenius(u).norm(dim=(-2, -1)), torch.full((2,), 4.0))
+
+
+def test_muon_variants_are_off_by_default_and_change_the_step():
+    torch.manual_seed(7)
+    p0 = torch.randn(32, 16) * 0.1
+    # unequal rows (MuonEq has work to do) and a spectrum Polar Express cannot fully flatten
+    # in 5 iterations (singular values from ~10 down to ~1e-3: Muon+ has work to do)
+    g = (torch.randn(32, 2) @ torch.randn(2, 16) * 10 + torch.randn(32, 16) * 1e-3) * torch.rand(32, 1) * 10
+    hp = dict(lr=0.02, momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=0.0)
+    plain = _one_muon_step(p0, g, **hp)
+    p = nn.Parameter(p0.clone())
+    default = MuonAdamW([dict(kind="muon", params=[p], **hp)], ns_dtype=torch.float32)
+    assert (default.muon_eq, default.muon_plus) == (False, False)  # the reference's step
+    step = (p0 - plain).norm()
+    for flags in [dict(muon_eq=True), dict(muon_plus=True), dict(muon_eq=True, muon_plus=True)]:
+        assert (_one_muon_step(p0, g, **flags, **hp) - plain).norm() > 0.05 * step, flags
 
 
 def test_cautious_weight_decay_applies_only_where_signs_agree():

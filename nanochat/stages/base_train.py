@@ -10,6 +10,10 @@ in a row is split (--long-docs split, the default: its remainder starts a later 
 BOS, so every token is trained on) or cropped (--long-docs crop, the reference's rule,
 which discards the rest). The log reports the share of each epoch's tokens trained on.
 
+Upstream's later changes are the defaults, each one flag from the reference: MuonEq row
+equilibration and Muon+ renormalisation in the Muon step (--no-muon-eq, --no-muon-plus)
+and a 12 tokens-per-parameter horizon (--target-param-data-ratio 10.5).
+
   nanochat base-train --depth 20                       # the speedrun model
   nanochat base-train --depth 4 --max-seq-len 512 --device-batch-size 8 --num-iterations 200
   nanochat base-train --dataset my_books --depth 12    # a dataset built by `nanochat ingest`
@@ -32,6 +36,10 @@ from nanochat.training import (StepLogger, Timer, apply_schedule, find_resume_st
 
 log = logging.getLogger("nanochat.base_train")
 
+# training tokens per scaling parameter when no horizon is given: upstream's 12 (the
+# reference used 10.5; pass --target-param-data-ratio 10.5 for its horizon)
+DEFAULT_PARAM_DATA_RATIO = 12.0
+
 @dataclass
 class Config:
     # model
@@ -45,10 +53,12 @@ class Config:
     dataset: str | None = option(None, "train on this named dataset (built by `nanochat ingest`) instead of the downloaded web text")
     long_docs: str = option("split", "a document longer than the room left in a row: 'split' it (its rest starts a later row; "
                                      "no token discarded) or 'crop' it (the reference's rule)", choices=("split", "crop"))
-    # horizon: at most one of these; none given means --target-param-data-ratio 10.5
+    # horizon: at most one of these; none given means --target-param-data-ratio 12 (upstream's default;
+    # the reference's was 10.5)
     num_iterations: int | None = option(None, "train for exactly this many optimizer steps")
     target_flops: float | None = option(None, "train until this many FLOPs have been spent")
-    target_param_data_ratio: float | None = option(None, "train for ratio × (transformer matrices + lm_head) tokens (10.5 when no horizon is given)")
+    target_param_data_ratio: float | None = option(None, "train for ratio × (transformer matrices + lm_head) tokens (12, upstream's default, "
+                                                                 "when no horizon is given; the reference used 10.5)")
     # batch
     device_batch_size: int = option(32, "sequences per device per micro-step (lower it if you run out of memory)")
     total_batch_size: int | None = option(None, "tokens per optimizer step across all devices (automatic: Power Lines rule)")
@@ -61,6 +71,10 @@ class Config:
     warmup_steps: int = option(40, "steps of linear LR warmup")
     warmdown_ratio: float = option(0.65, "fraction of the run spent in the final linear LR warmdown")
     final_lr_frac: float = option(0.05, "LR at the end of warmdown, as a fraction of the peak")
+    muon_eq: bool = option(True, "MuonEq: equalise the rows' norms before Muon's orthogonalisation (upstream's "
+                                 "default; --no-muon-eq is the reference's step)")
+    muon_plus: bool = option(True, "Muon+: rescale each orthogonalised update to Frobenius norm sqrt(min(rows, cols)) "
+                                   "(upstream's default; --no-muon-plus is the reference's step)")
     # evaluation and output
     eval_every: int = option(250, "measure val bits per byte every N steps (0: only at the end; -1: never)")
     eval_tokens: int = option(80 * 524288, "tokens of the val shard per evaluation")
@@ -139,7 +153,7 @@ def make_plan(config: Config, vocab_size: int, world_size: int) -> Plan:
     counts = model.num_scaling_params()
     n_scaling = scaling.scaling_params(counts)
     flops_per_token = model.estimate_flops()
-    ratio = config.target_param_data_ratio if config.target_param_data_ratio is not None else 10.5
+    ratio = config.target_param_data_ratio if config.target_param_data_ratio is not None else DEFAULT_PARAM_DATA_RATIO
     target_tokens = int(ratio * n_scaling)
     # d12 is where the hyperparameters were tuned; everything transfers from its horizon.
     ref_tokens = ratio * scaling.scaling_params(_meta_model(config, scaling.REF_DEPTH, vocab_size).num_scaling_params())
@@ -207,7 +221,7 @@ def run(config: Config, runtime: Runtime) -> dict:
     optimizer = model.setup_optimizer(
         unembedding_lr=config.unembedding_lr * plan.lr_scale, embedding_lr=config.embedding_lr * plan.lr_scale,
         matrix_lr=config.matrix_lr * plan.lr_scale, scalar_lr=config.scalar_lr * plan.lr_scale,
-        weight_decay=plan.weight_decay, ns_dtype=runtime.muon_dtype)
+        weight_decay=plan.weight_decay, ns_dtype=runtime.muon_dtype, muon_eq=config.muon_eq, muon_plus=config.muon_plus)
 
     # --- resume ---------------------------------------------------------------
     resume_step = find_resume_step(ckpt_dir, config.resume_from_step, config.resume, runtime)

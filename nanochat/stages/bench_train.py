@@ -68,6 +68,10 @@ class Config:
                                          "peak memory is per run), and print the speedup")
     profile: bool = option(False, "after the timed steps, profile two more with torch.profiler and print "
                                   "the operators that take the most time")
+    muon_eq: bool = option(True, "MuonEq: equalise the rows' norms before Muon's orthogonalisation (upstream's "
+                                 "default; --no-muon-eq is the reference's step)")
+    muon_plus: bool = option(True, "Muon+: rescale each orthogonalised update to Frobenius norm sqrt(min(rows, cols)) "
+                                   "(upstream's default; --no-muon-plus is the reference's step)")
     seed: int = option(0, "seed for the weights and the random tokens")
 
     def validate(self) -> None:
@@ -197,7 +201,8 @@ def bench(config: Config, runtime: Runtime) -> dict:
     # the loss then stays finite however many steps are run)
     lr_scale = batch_lr_scale(config.device_batch_size * config.max_seq_len)
     optimizer = model.setup_optimizer(**{name: lr * lr_scale for name, lr in PEAK_LRS.items()},
-                                      ns_dtype=runtime.muon_dtype)
+                                      ns_dtype=runtime.muon_dtype, muon_eq=config.muon_eq,
+                                      muon_plus=config.muon_plus)
     use_compile = config.compile if config.compile is not None else device.type == "cuda"
     train_model = torch.compile(model, dynamic=False) if use_compile else model
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None

@@ -64,6 +64,10 @@ class Config:
     matrix_lr: float = option(0.02, "Muon learning rate of the block matrices (before --init-lr-frac)")
     weight_decay: float = option(0.0, "weight decay")
     init_lr_frac: float = option(0.05, "every group starts at this fraction of its learning rate")
+    muon_eq: bool = option(True, "MuonEq: equalise the rows' norms before Muon's orthogonalisation (upstream's "
+                                 "default; --no-muon-eq is the reference's step)")
+    muon_plus: bool = option(True, "Muon+: rescale each orthogonalised update to Frobenius norm sqrt(min(rows, cols)) "
+                                   "(upstream's default; --no-muon-plus is the reference's step)")
     # evaluation and output
     eval_every: int = option(60, "measure pass@k on GSM8K test every N steps (0: only at the end; -1: never)")
     eval_examples: int = option(400, "GSM8K test questions per evaluation")
@@ -294,7 +298,8 @@ def run(config: Config, runtime: Runtime) -> dict:
 
     optimizer = model.setup_optimizer(unembedding_lr=config.unembedding_lr, embedding_lr=config.embedding_lr,
                                       matrix_lr=config.matrix_lr, weight_decay=config.weight_decay,
-                                      ns_dtype=runtime.muon_dtype)
+                                      ns_dtype=runtime.muon_dtype, muon_eq=config.muon_eq,
+                                      muon_plus=config.muon_plus)
     for group in optimizer.param_groups:
         group["lr"] *= config.init_lr_frac
         group["initial_lr"] = group["lr"]

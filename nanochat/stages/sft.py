@@ -83,6 +83,10 @@ class Config:
     warmup_ratio: float = option(0.0, "fraction of the run spent in linear LR warmup")
     warmdown_ratio: float = option(0.5, "fraction of the run spent in the final linear LR warmdown")
     final_lr_frac: float = option(0.0, "LR at the end of warmdown, as a fraction of the peak")
+    muon_eq: bool = option(True, "MuonEq: equalise the rows' norms before Muon's orthogonalisation (upstream's "
+                                 "default; --no-muon-eq is the reference's step)")
+    muon_plus: bool = option(True, "Muon+: rescale each orthogonalised update to Frobenius norm sqrt(min(rows, cols)) "
+                                   "(upstream's default; --no-muon-plus is the reference's step)")
     # data
     mixture: list[str] | None = option(None, "training mixture, specs NAME[:EPOCHS][@ROWS] [automatic: the reference's]")
     mixture_add: list[str] | None = option(None, "specs appended to the default mixture")
@@ -364,7 +368,7 @@ def run(config: Config, runtime: Runtime) -> dict:
     optimizer = model.setup_optimizer(
         unembedding_lr=hp["unembedding_lr"] * lr_scale, embedding_lr=hp["embedding_lr"] * lr_scale,
         matrix_lr=hp["matrix_lr"] * lr_scale, scalar_lr=hp["scalar_lr"] * lr_scale,
-        weight_decay=0.0, ns_dtype=runtime.muon_dtype)  # pretraining decays weight decay to zero; SFT continues without it
+        weight_decay=0.0, ns_dtype=runtime.muon_dtype, muon_eq=config.muon_eq, muon_plus=config.muon_plus)  # pretraining decays weight decay to zero; SFT continues without it
     log.info("LR scale %.4f for batch %s (as in pretraining) × init-lr-frac %.3f; grad accumulation %d",
              lr_scale, f"{total_batch_size:,}", config.init_lr_frac, grad_accum)
     for group in optimizer.param_groups:
