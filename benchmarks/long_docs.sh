@@ -9,13 +9,18 @@
 #   bash benchmarks/long_docs.sh                 # 400 steps each (~30 min a run on an AVX2 CPU)
 #   STEPS=40 bash benchmarks/long_docs.sh        # a shortened run
 #
-# Knobs: STEPS (400), NANOCHAT_BASE_DIR (default: a fresh temporary directory; the
+# Both runs use the reference's Muon step (--no-muon-eq --no-muon-plus), so the figures
+# compare packing only and do not move with the optimizer's defaults.
+#
+# Knobs: STEPS (400), MODES ("crop split"; the table reads both modes' logs, so one mode can
+# be rerun alone), NANOCHAT_BASE_DIR (default: a fresh temporary directory; the
 # tokenizer is trained once there and reused), NANOCHAT_VENV (.venv). Offline: uses
 # ../shared/data beside the repository when it exists, else downloads as `nanochat
 # download` does (set NANOCHAT_DATA_URL and NANOCHAT_DATA_SHARDS for another source).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${STEPS:-400}
+MODES=${MODES:-crop split}
 PY=${NANOCHAT_VENV:-.venv}/bin/python
 export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$(mktemp -d)/nanochat-long-docs}
 SHARED=$(cd .. && pwd)/shared/data
@@ -34,8 +39,9 @@ echo "base dir: $NANOCHAT_BASE_DIR; $STEPS steps per mode"
 # global RNG, so the first base-train of a base dir would otherwise start from other weights.
 "$PY" -c "from nanochat.common import build_runtime, peak_flops; rt = build_runtime(None); peak_flops(rt.device, rt.dtype, cache_dir=rt.base_dir)"
 
-MODEL=(--depth 4 --head-dim 64 --window-pattern L --max-seq-len 512 --device-batch-size 16 --total-batch-size 8192)
-for mode in crop split; do
+MODEL=(--depth 4 --head-dim 64 --window-pattern L --max-seq-len 512 --device-batch-size 16 --total-batch-size 8192
+       --no-muon-eq --no-muon-plus)
+for mode in $MODES; do
     t0=$(date +%s)
     rm -rf "$NANOCHAT_BASE_DIR/base_checkpoints/long_docs_$mode"  # a fresh run (and metrics.jsonl) each time
     "$PY" -m nanochat base-train "${MODEL[@]}" --num-iterations "$STEPS" --warmup-steps $(( STEPS / 12 + 1 )) \

@@ -81,8 +81,10 @@ def pretrain_batches(tokenizer: TokenizerLike, B: int, T: int, split: str, *, ba
                      resume_state: dict | Sequence[dict] | None = None, tokenizer_threads: int = 4,
                      tokenizer_batch_size: int = 128, buffer_size: int = 1000,
                      prefetch: int = 4, long_docs: str = "crop",
-                     dataset: str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
-    """Endless iterator of (inputs, targets, state) for `split` ("train" or "val").
+                     dataset: str | None = None,
+                     epochs: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+    """Endless iterator of (inputs, targets, state) for `split` ("train" or "val"), or
+    one that ends after `epochs` passes over the split.
 
     inputs, targets: int64 (B, T) on `device`; targets[:, i] == inputs[:, i+1] and the
         last target is the token after the row. inputs[:, 0] is always BOS.
@@ -98,6 +100,9 @@ def pretrain_batches(tokenizer: TokenizerLike, B: int, T: int, split: str, *, ba
     prefetch: batches the background thread may prepare ahead.
     long_docs: "crop" (the reference's packing) or "split" (no token discarded); see above.
     dataset: a named dataset (`nanochat ingest`); None reads the downloaded web text.
+    epochs: None loops forever; N stops reading after N passes over the split, packs what
+        the buffer still holds, and ends before the first batch it cannot fill (evaluation
+        uses 1: every document of a small val split once, not copies of its shortest ones).
 
     Bad arguments and missing shards raise here, not at the first next(). Call
     `.close()` (or drop the iterator) to stop the background thread.
@@ -107,7 +112,7 @@ def pretrain_batches(tokenizer: TokenizerLike, B: int, T: int, split: str, *, ba
     problems = []
     for name, value, low in (("B", B, 1), ("T", T, 1), ("world_size", world_size, 1), ("buffer_size", buffer_size, 1),
                              ("tokenizer_batch_size", tokenizer_batch_size, 1), ("tokenizer_threads", tokenizer_threads, 1),
-                             ("prefetch", prefetch, 1)):
+                             ("prefetch", prefetch, 1), ("epochs", 1 if epochs is None else epochs, 1)):
         if not isinstance(value, int) or value < low:
             problems.append(f"{name} must be an integer >= {low}, got {value!r}")
     if not (isinstance(rank, int) and 0 <= rank < max(world_size, 1)):
@@ -121,7 +126,7 @@ def pretrain_batches(tokenizer: TokenizerLike, B: int, T: int, split: str, *, ba
     device = _resolve_device(device)
     spec = _Spec(tokenizer=tokenizer, B=B, T=T, split=split, files=files, rank=rank, world_size=world_size,
                  tokenizer_threads=tokenizer_threads, tokenizer_batch_size=tokenizer_batch_size,
-                 buffer_size=buffer_size, device=device, long_docs=long_docs)
+                 buffer_size=buffer_size, device=device, long_docs=long_docs, epochs=epochs)
     return _consume(spec, start, prefetch)
 
 
@@ -309,9 +314,10 @@ def _piece(tokens: array, offset: int, n: int | None = None) -> list[int]:
 def pack_rows(buffer: BestFitBuffer, refill, num_rows: int, row_len: int, buffer_size: int,
               long_docs: str = "crop") -> tuple[list[int], int, int]:
     """Fill `num_rows` rows of `row_len` tokens from `buffer` (topped up to `buffer_size`
-    by calling `refill()` before every placement); buffered refs are `Ref`s and every
-    document starts with BOS. When nothing fits, the shortest document is cropped
-    ("crop") or split ("split": the rest goes back into the buffer behind the BOS).
+    by calling `refill()` before every placement; a refill that returns False has nothing
+    more to add); buffered refs are `Ref`s and every document starts with BOS. When nothing
+    fits, the shortest document is cropped ("crop") or split ("split": the rest goes back
+    into the buffer behind the BOS). Raises _Exhausted when the buffer runs dry.
     Returns (the rows concatenated, tokens cropped away, BOS tokens of pieces placed)."""
     assert long_docs in LONG_DOCS
     flat: list[int] = []
@@ -320,7 +326,10 @@ def pack_rows(buffer: BestFitBuffer, refill, num_rows: int, row_len: int, buffer
         used = 0
         while used < row_len:
             while len(buffer) < buffer_size:
-                refill()
+                if refill() is False:
+                    break
+            if not len(buffer):
+                raise _Exhausted
             space = row_len - used
             taken = buffer.take_largest_fitting(space)
             if taken is not None:
@@ -493,6 +502,15 @@ class _Spec:
     buffer_size: int
     device: torch.device
     long_docs: str = "crop"
+    epochs: int | None = None
+
+
+class _Exhausted(Exception):
+    """The reader stopped (`epochs` passes done) and the buffer cannot fill the next row."""
+
+
+class _End:
+    """Put by the producer after the last batch of a loader with `epochs`."""
 
 
 class _Failure:
@@ -538,8 +556,10 @@ def _produce(spec: _Spec, start: _Start, out: queue.Queue, stop: threading.Event
         # (a split smaller than one row would only fill rows with copies of itself)
         split_tokens = 0 if start.rg is None and not start.buffer else None
 
-        def refill() -> None:
+        def refill() -> bool:
             nonlocal split_tokens
+            if spec.epochs is not None and reader.epoch > spec.epochs:
+                return False
             epoch = reader.epoch
             refs, texts = reader.read(spec.tokenizer_batch_size)
             for ref, tokens in zip(refs, encode(texts)):
@@ -552,11 +572,16 @@ def _produce(spec: _Spec, start: _Start, out: queue.Queue, stop: threading.Event
                     raise UserError(f"the {spec.split} split holds only {split_tokens} tokens{where}, less than one "
                                     f"row of {row_len}: add text to the dataset, or lower the sequence length")
                 split_tokens = None
+            return True
 
         while not stop.is_set():
             epoch = reader.epoch
-            flat, n_cropped, n_piece_bos = pack_rows(buffer, refill, spec.B, row_len, spec.buffer_size,
-                                                     spec.long_docs)
+            try:
+                flat, n_cropped, n_piece_bos = pack_rows(buffer, refill, spec.B, row_len, spec.buffer_size,
+                                                         spec.long_docs)
+            except _Exhausted:  # `epochs` passes done: the rows of a partial batch are dropped
+                _put(out, _End(), stop)
+                return
             counts.packed += spec.B * row_len
             counts.cropped += n_cropped
             counts.piece_bos += n_piece_bos
@@ -602,6 +627,8 @@ def _consume(spec: _Spec, start: _Start, prefetch: int) -> Iterator[tuple[torch.
             item = _get(out, worker)
             if isinstance(item, _Failure):
                 raise item.exc
+            if isinstance(item, _End):
+                return
             batch, state = item
             if batch.device != spec.device:
                 batch = batch.to(spec.device, non_blocking=non_blocking)

@@ -37,19 +37,6 @@ def evaluate_bpb(model: torch.nn.Module, batches: Iterable, steps: int, token_by
     return total_nats.item() / (math.log(2) * nb)
 
 
-def one_pass(batches: Iterable, steps: int) -> Iterator:
-    """At most `steps` items of a `pretrain_batches` loader, ending early once the loader
-    has read past the end of its split (its state's epoch turns 2): more batches would
-    only repeat the same tokens (a small val shard against a large --eval-tokens)."""
-    for i, item in enumerate(batches):
-        if i >= steps:
-            return
-        state = item[2] if len(item) > 2 else None
-        if i > 0 and isinstance(state, dict) and state.get("epoch", 1) > 1:
-            return
-        yield item
-
-
 # Fixed prompts to eyeball what a base model knows (sampled during and after training).
 SAMPLE_PROMPTS = (
     "The capital of France is",
@@ -86,9 +73,10 @@ def split_bpb(model: torch.nn.Module, tokenizer, token_bytes: torch.Tensor, *, b
     results = {}
     for split in splits:
         loader = pretrain_batches(tokenizer, batch_size, seq_len, split, base_dir=base_dir,
-                                  device=token_bytes.device, rank=rank, world_size=world_size, dataset=dataset)
+                                  device=token_bytes.device, rank=rank, world_size=world_size, dataset=dataset,
+                                  epochs=1)  # a small split is measured once, not on repeats
         try:
-            results[split] = evaluate_bpb(model, one_pass(loader, steps), steps, token_bytes)
+            results[split] = evaluate_bpb(model, loader, steps, token_bytes)
         finally:
             loader.close()
     return results

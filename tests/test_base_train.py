@@ -116,7 +116,6 @@ def test_evaluation_stops_after_one_pass_of_a_small_val_split(trained_tok_dir, t
     import pyarrow as pa
     import pyarrow.parquet as pq
     from nanochat.dataloader import pretrain_batches
-    from nanochat.loss_eval import one_pass
     from nanochat.tokenizer import get_tokenizer
 
     base = tmp_path / "run"
@@ -128,12 +127,20 @@ def test_evaluation_stops_after_one_pass_of_a_small_val_split(trained_tok_dir, t
 
     tok = get_tokenizer(base)
     val_tokens = sum(len(t) + 1 for t in tok.encode(docs))  # + BOS each
-    loader = pretrain_batches(tok, 4, 128, "val", base_dir=base, device="cpu")
-    try:
-        n = sum(1 for _ in one_pass(loader, 10_000))
-    finally:
-        loader.close()
-    assert 1 <= n <= val_tokens // (4 * 129) + 1  # one pass, not 10,000 batches of repeats
+    def passes(long_docs: str) -> int:
+        # the default buffer (1,000 documents) is larger than this split: the loader has
+        # read past its end before the first batch, and one pass must still be all of it
+        loader = pretrain_batches(tok, 4, 128, "val", base_dir=base, device="cpu", long_docs=long_docs, epochs=1)
+        try:
+            return sum(1 for _ in loader)  # it ends by itself
+        finally:
+            loader.close()
+
+    # split: every token is placed, so one pass is all the rows the split fills
+    assert val_tokens // (4 * 129) - 1 <= passes("split") <= val_tokens // (4 * 129) + 1
+    # crop (the reference's packing): each of the 12 documents opens one row, once (not
+    # copies of the shortest one, which a 1,000-document buffer holds ~80 of)
+    assert passes("crop") == 12 // 4
 
     rc = cli.main(["base-train", *TOY, "--num-iterations", "1", "--eval-every", "0", "--eval-tokens", str(10 ** 9),
                    "--base-dir", str(base)])

@@ -21,6 +21,7 @@ and a 12 tokens-per-parameter horizon (--target-param-data-ratio 10.5).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -186,7 +187,7 @@ def run(config: Config, runtime: Runtime) -> dict:
     from nanochat import checkpoint as ckpt
     from nanochat.dataloader import pretrain_batches, used_fraction
     from nanochat.gpt import GPTConfig, build_model
-    from nanochat.loss_eval import SAMPLE_PROMPTS, complete_prompts, evaluate_bpb, one_pass
+    from nanochat.loss_eval import SAMPLE_PROMPTS, complete_prompts, evaluate_bpb
     from nanochat.node_sync import pretraining_files, sync_files
     from nanochat.report import log_section
     from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -275,10 +276,12 @@ def run(config: Config, runtime: Runtime) -> dict:
             steps = max(1, config.eval_tokens // (B * T * runtime.world_size))
             # packed the reference's way whatever --long-docs is: one fixed val set for
             # every run, comparable with base-loss and with runs from before --long-docs
+            # (one pass at most: a val split smaller than --eval-tokens is measured once)
             val = pretrain_batches(tokenizer, B, T, "val", base_dir=base_dir, device="cpu",
-                                   rank=runtime.rank, world_size=runtime.world_size, dataset=config.dataset)
+                                   rank=runtime.rank, world_size=runtime.world_size, dataset=config.dataset,
+                                   epochs=1)
             try:
-                val_batches.extend((x, y) for x, y, _ in one_pass(val, steps))
+                val_batches.extend((x, y) for x, y, _ in itertools.islice(val, steps))
             finally:
                 val.close()
             if len(val_batches) < steps:
