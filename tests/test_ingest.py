@@ -319,6 +319,11 @@ def test_cli_ingest_tok_train_base_train_base_loss_on_a_named_dataset(shared_dat
     assert cli.main(["tok-train", "--dataset", "openstax_mix", "--max-chars", "1000000", "--vocab-size", "1024", *cpu]) == 0
     assert cli.main(["tok-eval", "--dataset", "openstax_mix", "--shard-chars", "20000", *cpu]) == 0
     capsys.readouterr()
+    assert cli.main(["bench-tok", "--dataset", "openstax_mix", "--max-chars", "200000", "--vocab-size", "400",
+                     "--encode-chars", "50000", "--repeats", "1", "--num-threads", "2", *cpu]) == 0
+    assert "training:  200,000 chars" in capsys.readouterr().out
+    # this base dir has no downloaded web text: without --dataset bench-tok has nothing to read
+    assert cli.main(["bench-tok", "--max-chars", "200000", "--vocab-size", "400", *cpu]) == 2
     rc = cli.main(["base-train", "--dataset", "openstax_mix", "--depth", "2", "--aspect-ratio", "32", "--head-dim", "32",
                    "--max-seq-len", "128", "--window-pattern", "L", "--device-batch-size", "4", "--total-batch-size", "512",
                    "--num-iterations", "3", "--warmup-steps", "1", "--eval-every", "0", "--eval-tokens", "1024",

@@ -28,6 +28,8 @@ class Config:
     encode_chars: int = option(5_000_000, "characters of documents to encode in the throughput test")
     num_threads: int = option(8, "threads for the batched encode")
     repeats: int = option(3, "timed repetitions of each encode; the fastest counts")
+    dataset: str | None = option(None, "train and encode the named dataset built by `nanochat ingest` instead of "
+                                       "the downloaded web text")
 
     def validate(self) -> None:
         problems = []
@@ -36,12 +38,14 @@ class Config:
                 problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.vocab_size < 256 + len(SPECIAL_TOKENS):
             problems.append(f"--vocab-size must be at least {256 + len(SPECIAL_TOKENS)}, got {self.vocab_size}")
+        from nanochat.dataset import dataset_problems
+        problems.extend(dataset_problems(self.dataset))
         check(problems)
 
 
-def _encode_docs(base_dir, max_chars: int) -> list[str]:
+def _encode_docs(base_dir, max_chars: int, dataset: str | None = None) -> list[str]:
     docs, total = [], 0
-    for batch in parquets_iter_batched("train", base_dir):
+    for batch in parquets_iter_batched("train", base_dir, dataset=dataset):
         for doc in batch:
             if total >= max_chars:
                 return docs
@@ -61,14 +65,14 @@ def _best_time(fn, repeats: int) -> tuple[float, object]:
 
 def run(config: Config, runtime: Runtime) -> dict:
     config.validate()
-    texts = list(tokenizer_train_texts(runtime.base_dir, config.max_chars, config.doc_cap))
+    texts = list(tokenizer_train_texts(runtime.base_dir, config.max_chars, config.doc_cap, config.dataset))
     train_chars = sum(map(len, texts))
     # rustbpe counts words on all cores (rayon), so cpu count matters when comparing runs
     t0 = time.perf_counter()
     tokenizer = Tokenizer.train_from_iterator(texts, config.vocab_size)
     train_time = time.perf_counter() - t0
 
-    docs = _encode_docs(runtime.base_dir, config.encode_chars)
+    docs = _encode_docs(runtime.base_dir, config.encode_chars, config.dataset)
     chars = sum(map(len, docs))
     tokenizer.encode(docs[:8], num_threads=config.num_threads)  # warm up the thread pool
     single_s, single = _best_time(lambda: [tokenizer.encode(d) for d in docs], config.repeats)
