@@ -23,24 +23,12 @@ STEPS=${STEPS:-400}
 MODES=${MODES:-crop split}
 PY=${NANOCHAT_VENV:-.venv}/bin/python
 export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$(mktemp -d)/nanochat-long-docs}
-SHARED=$(cd .. && pwd)/shared/data
-if [ -z "${NANOCHAT_DATA_URL:-}" ] && [ -d "$SHARED/pretrain_openstax/base_data" ]; then
-    export NANOCHAT_DATA_URL="file://$SHARED/pretrain_openstax/base_data" NANOCHAT_DATA_SHARDS=6
-    export TIKTOKEN_CACHE_DIR=${TIKTOKEN_CACHE_DIR:-$SHARED/tiktoken/cache}
-fi
 OUT=$NANOCHAT_BASE_DIR/long_docs_bench
 mkdir -p "$OUT"
 echo "base dir: $NANOCHAT_BASE_DIR; $STEPS steps per mode"
+source benchmarks/lib/pretrain_setup.sh
 
-"$PY" -m nanochat download -n 8 --log-level WARNING
-[ -f "$NANOCHAT_BASE_DIR/tokenizer/tokenizer.pkl" ] || "$PY" -m nanochat tok-train --vocab-size 8192 --log-level WARNING
-
-# Measure (and cache) the peak FLOP/s for MFU now: measuring draws random matrices from the
-# global RNG, so the first base-train of a base dir would otherwise start from other weights.
-"$PY" -c "from nanochat.common import build_runtime, peak_flops; rt = build_runtime(None); peak_flops(rt.device, rt.dtype, cache_dir=rt.base_dir)"
-
-MODEL=(--depth 4 --head-dim 64 --window-pattern L --max-seq-len 512 --device-batch-size 16 --total-batch-size 8192
-       --no-muon-eq --no-muon-plus)
+MODEL=("${DEMO_MODEL[@]}" --no-muon-eq --no-muon-plus)
 for mode in $MODES; do
     t0=$(date +%s)
     rm -rf "$NANOCHAT_BASE_DIR/base_checkpoints/long_docs_$mode"  # a fresh run (and metrics.jsonl) each time

@@ -19,20 +19,12 @@ STEPS=${STEPS:-160}
 VARIANTS=${VARIANTS:-reference eq plus both}
 PY=${NANOCHAT_VENV:-.venv}/bin/python
 export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$(mktemp -d)/nanochat-muon}
-SHARED=$(cd .. && pwd)/shared/data
-if [ -z "${NANOCHAT_DATA_URL:-}" ] && [ -d "$SHARED/pretrain_openstax/base_data" ]; then
-    export NANOCHAT_DATA_URL="file://$SHARED/pretrain_openstax/base_data" NANOCHAT_DATA_SHARDS=6
-fi
 OUT=$NANOCHAT_BASE_DIR/muon_variants_bench
 mkdir -p "$OUT"
 echo "base dir: $NANOCHAT_BASE_DIR; $STEPS steps per variant: $VARIANTS"
+source benchmarks/lib/pretrain_setup.sh
 
-"$PY" -m nanochat download -n 8 --log-level WARNING
-[ -f "$NANOCHAT_BASE_DIR/tokenizer/tokenizer.pkl" ] || "$PY" -m nanochat tok-train --vocab-size 8192 --log-level WARNING
-# measure (and cache) peak FLOP/s first: its probe must not shift the weights' RNG stream
-"$PY" -c "from nanochat.common import build_runtime, peak_flops; rt = build_runtime(None); peak_flops(rt.device, rt.dtype, cache_dir=rt.base_dir)"
-
-MODEL=(--depth 4 --head-dim 64 --window-pattern L --max-seq-len 512 --device-batch-size 16 --total-batch-size 8192)
+MODEL=("${DEMO_MODEL[@]}")
 for variant in $VARIANTS; do
     case $variant in
         reference) flags=(--no-muon-eq --no-muon-plus) ;;
