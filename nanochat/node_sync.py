@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
@@ -32,6 +33,9 @@ from nanochat.common import Runtime, atomic_path
 log = logging.getLogger("nanochat.node_sync")
 
 CHUNK_BYTES = 16 << 20  # bytes per broadcast while streaming a file to the leaders
+# Ranks wait here while one process downloads shards or trains the tokenizer, which can
+# take far longer than a training collective's timeout (10 min on NCCL).
+WAIT_TIMEOUT = timedelta(hours=6)
 _FULL_HASH_LIMIT = 64 << 20  # larger files are compared by size and a hash of their ends
 PROBE_NAME = ".node_probe"
 
@@ -57,11 +61,11 @@ class _Groups:
     """gloo groups over all ranks and over the node leaders, made once per process group."""
 
     def __init__(self, runtime: Runtime):
-        self.all = dist.new_group(backend="gloo")
+        self.all = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
         local_ranks: list[int] = [0] * runtime.world_size
         dist.all_gather_object(local_ranks, runtime.local_rank, group=self.all)
         self.leaders = [r for r, lr in enumerate(local_ranks) if lr == 0]
-        self.leader_group = dist.new_group(ranks=self.leaders, backend="gloo")
+        self.leader_group = dist.new_group(ranks=self.leaders, backend="gloo", timeout=WAIT_TIMEOUT)
 
 
 _groups: dict[int, _Groups] = {}
@@ -78,6 +82,13 @@ def _broadcast(obj, group, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
+
+
+def wait_for_all(runtime: Runtime) -> None:
+    """A barrier for slow one-process work (downloads, tokenizer training): up to
+    WAIT_TIMEOUT, where the training process group's barrier gives up after minutes."""
+    if runtime.distributed:
+        dist.barrier(group=_get_groups(runtime).all)
 
 
 def from_master(runtime: Runtime, value):

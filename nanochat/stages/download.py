@@ -47,7 +47,7 @@ class Config:
 
 def run(config: Config, runtime: Runtime) -> dict:
     from nanochat.dataset import download_shards
-    from nanochat.node_sync import base_dir_is_shared
+    from nanochat.node_sync import base_dir_is_shared, wait_for_all
 
     config.validate()
     metrics: dict = {}
@@ -61,5 +61,5 @@ def run(config: Config, runtime: Runtime) -> dict:
         log.info("fetched %d file(s) (%.1f MB), skipped %d already present, in %.1fs -> %s",
                  metrics["files_fetched"], metrics["bytes_fetched"] / 1e6, metrics["files_skipped"],
                  metrics["seconds"], metrics["data_dir"])
-    runtime.barrier()
+    wait_for_all(runtime)
     return metrics

@@ -59,7 +59,7 @@ class _Counter:
 
 
 def run(config: Config, runtime: Runtime) -> dict:
-    from nanochat.node_sync import sync_files
+    from nanochat.node_sync import sync_files, wait_for_all
 
     config.validate()
     tokenizer_dir = runtime.base_dir / TOKENIZER_SUBDIR
@@ -68,7 +68,7 @@ def run(config: Config, runtime: Runtime) -> dict:
     # node gets its files: through the shared disk, or sent from rank 0 (node_sync).
     if runtime.is_master:
         metrics = _train(config, runtime, tokenizer_dir)
-    runtime.barrier()
+    wait_for_all(runtime)
     sync_files(runtime, [f"{TOKENIZER_SUBDIR}/{PICKLE_NAME}", f"{TOKENIZER_SUBDIR}/{TOKEN_BYTES_NAME}"])
     return metrics
 
