@@ -39,9 +39,10 @@ for mode in $MODES; do
 done
 
 "$PY" - "$OUT" "$NANOCHAT_BASE_DIR" <<'PYEOF'
-# The val bpb base-train logs packs the val split the reference's way for both runs (rows
-# of chapter openings); "all-token val bpb" scores both checkpoints on the same 65,536
-# val tokens packed with split, i.e. on whole chapters, openings and later pages alike.
+# Both checkpoints are scored on the same val rows, two ways: "whole chapters" packs 65,536
+# val tokens with split (every page of a chapter); "openings" packs them the reference's
+# way, as base-train and base-loss do (crop: with 512-token rows, the first page of each
+# chapter), reading the val split once.
 import json, sys
 from pathlib import Path
 from nanochat.checkpoint import load_model
@@ -52,8 +53,8 @@ from nanochat.tokenizer import get_token_bytes
 out, base = Path(sys.argv[1]), Path(sys.argv[2])
 runtime = build_runtime(None, base)
 token_bytes = get_token_bytes(base, device=runtime.device)
-print(f"{'mode':<6} {'tokens trained on':>18} {'last full epoch':>16} {'reader epoch':>13} {'all-token val bpb':>18}"
-      "   val bpb by step (as base-train logs it)")
+print(f"{'mode':<6} {'tokens trained on':>18} {'last full epoch':>16} {'reader epoch':>13} {'whole chapters':>15} "
+      f"{'openings':>9}   val bpb by step (as base-train logs it)")
 for mode in ("crop", "split"):
     log = (out / f"{mode}.log").read_text()
     result = json.loads(log.split("result: ")[-1].splitlines()[0])
@@ -61,15 +62,16 @@ for mode in ("crop", "split"):
     by_step = ", ".join(f"{r['step']}: {r['val_bpb']:.4f}" for r in records if "val_bpb" in r)
     model, tokenizer, _ = load_model("base", base, runtime.device, runtime.dtype, tag=f"long_docs_{mode}")
     model.eval()
-    # a buffer smaller than the split: no document is read twice within these rows
-    val = pretrain_batches(tokenizer, 16, 512, "val", base_dir=base, device=runtime.device, long_docs="split",
-                           buffer_size=64)
-    try:
-        all_tokens = evaluate_bpb(model, val, 8, token_bytes)
-    finally:
-        val.close()
+    bpb = {}
+    # whole chapters: a buffer smaller than the split, so no document is read twice here
+    for name, kwargs in (("whole", dict(long_docs="split", buffer_size=64)), ("openings", dict(long_docs="crop", epochs=1))):
+        val = pretrain_batches(tokenizer, 16, 512, "val", base_dir=base, device=runtime.device, **kwargs)
+        try:
+            bpb[name] = evaluate_bpb(model, val, 8, token_bytes)
+        finally:
+            val.close()
     last = result.get("data_last_epoch_used_fraction")
     last = "-" if last is None else f"{100 * last:.1f}%"
     print(f"{mode:<6} {100 * result['data_used_fraction']:>17.1f}% {last:>16} {result['data_epoch']:>13} "
-          f"{all_tokens:>18.4f}   {by_step}")
+          f"{bpb['whole']:>15.4f} {bpb['openings']:>9.4f}   {by_step}")
 PYEOF
