@@ -6,10 +6,9 @@ mount one file system. Stages write their outputs on global rank 0 only (the tok
 checkpoints' weights), and `nanochat download` may have run on the first node only, so a
 second node would start without shards or a tokenizer. `sync_files` closes that gap:
 
-1. rank 0 lists the files (path under the base dir, size, digest) and broadcasts the list;
-2. a probe file tells whether all ranks see rank 0's base dir; if they do (one node, or a
-   shared disk) nothing is copied and nothing is done twice;
-3. otherwise each node's local rank 0 (its "leader") compares its copies, downloads the
+1. a probe file tells whether all ranks see rank 0's base dir; if they do (one node, or a
+   shared disk) nothing is read, copied or done twice (the answer is kept for the run);
+2. otherwise rank 0 lists the files (path under the base dir, size, digest) and each node's local rank 0 (its "leader") compares its copies, downloads the
    missing web-text shards from the source recorded in `base_data/source.json` when
    there is one, and receives everything else from rank 0 in chunks over a gloo group of
    the leaders; each file is written atomically. The other ranks wait on a barrier.
@@ -41,16 +40,16 @@ PROBE_NAME = ".node_probe"
 
 
 def file_digest(path: Path) -> str:
-    """sha256 of a file up to 64 MiB; above that, of its size, first and last MiB (a
-    cheap check for shards, which are written atomically and never edited in place)."""
+    """sha256 of the size and content of a file up to 64 MiB; above that, of its size,
+    first and last MiB (a cheap check for shards, written atomically, never edited in place)."""
     h = hashlib.sha256()
     size = path.stat().st_size
+    h.update(str(size).encode())
     with open(path, "rb") as f:
         if size <= _FULL_HASH_LIMIT:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         else:
-            h.update(str(size).encode())
             h.update(f.read(1 << 20))
             f.seek(size - (1 << 20))
             h.update(f.read())
@@ -66,6 +65,7 @@ class _Groups:
         dist.all_gather_object(local_ranks, runtime.local_rank, group=self.all)
         self.leaders = [r for r, lr in enumerate(local_ranks) if lr == 0]
         self.leader_group = dist.new_group(ranks=self.leaders, backend="gloo", timeout=WAIT_TIMEOUT)
+        self.shared: dict[Path, bool] = {}  # base dir -> whether every rank sees rank 0's
 
 
 _groups: dict[int, _Groups] = {}
@@ -78,9 +78,9 @@ def _get_groups(runtime: Runtime) -> _Groups:
     return _groups[key]
 
 
-def _broadcast(obj, group, src: int = 0):
+def _broadcast(obj, group):
     box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
@@ -100,10 +100,17 @@ def from_master(runtime: Runtime, value):
 
 
 def base_dir_is_shared(runtime: Runtime) -> bool:
-    """True when every rank sees rank 0's base dir (one node, or nodes on one file system)."""
+    """True when every rank sees rank 0's base dir (one node, or nodes on one file system).
+    Probed once per base dir and process group."""
     if not runtime.distributed:
         return True
     groups = _get_groups(runtime)
+    if runtime.base_dir not in groups.shared:
+        groups.shared[runtime.base_dir] = _probe_shared(runtime, groups)
+    return groups.shared[runtime.base_dir]
+
+
+def _probe_shared(runtime: Runtime, groups: _Groups) -> bool:
     token = _broadcast(secrets.token_hex(16) if runtime.is_master else None, groups.all)
     probe = runtime.base_dir / PROBE_NAME
     if runtime.is_master:
@@ -139,61 +146,45 @@ def _download_from_source(runtime: Runtime, wanted: list[str], source: dict | No
     return [rel for rel in wanted if not (runtime.base_dir / rel).is_file()]
 
 
-def sync_files(runtime: Runtime, rel_paths: list[str], *, download: bool = True) -> dict:
+def sync_files(runtime: Runtime, rel_paths: list[str]) -> None:
     """Make every node hold rank 0's copy of `rel_paths` (paths under the base dir; those
-    rank 0 lacks are ignored). Returns {"shared", "files", "received", "downloaded"} on
-    every rank. A no-op in a single process."""
-    if not runtime.distributed:
-        return {"shared": True, "files": 0, "received": 0, "downloaded": 0}
+    rank 0 lacks are ignored). A no-op in one process and on a shared base dir."""
+    if base_dir_is_shared(runtime):
+        return
     groups = _get_groups(runtime)
     manifest, source = None, None
     if runtime.is_master:
         from nanochat.dataset import data_dir, read_source
 
-        manifest = []
-        for rel in dict.fromkeys(rel_paths):
-            path = runtime.base_dir / rel
-            if path.is_file():
-                manifest.append((rel, path.stat().st_size, file_digest(path)))
-        source = read_source(data_dir(runtime.base_dir)) if download else None
+        manifest = [(rel, file_digest(runtime.base_dir / rel)) for rel in dict.fromkeys(rel_paths)
+                    if (runtime.base_dir / rel).is_file()]
+        source = read_source(data_dir(runtime.base_dir))
     manifest, source = _broadcast((manifest, source), groups.all)
-    shared = base_dir_is_shared(runtime)
-    stats = {"shared": shared, "files": len(manifest), "received": 0, "downloaded": 0}
-    if shared:
-        return stats
 
     leader = runtime.rank in groups.leaders
-    if leader:
-        # a leader's own copy is kept only if it matches rank 0's
-        wanted = [rel for rel, size, digest in manifest
-                  if not ((p := runtime.base_dir / rel).is_file() and p.stat().st_size == size
-                          and file_digest(p) == digest)]
-        if wanted and download and not runtime.is_master:
-            before = len(wanted)
-            # a stale copy of a shard is replaced by the download too
-            for rel in wanted:
-                (runtime.base_dir / rel).unlink(missing_ok=True)
-            wanted = _download_from_source(runtime, wanted, source)
-            stats["downloaded"] = before - len(wanted)
-    else:
-        wanted = []
+    wanted, downloaded = [], 0
+    if leader and not runtime.is_master:
+        # a leader's own copy is kept only if it matches rank 0's (the digest covers the size)
+        wanted = [rel for rel, digest in manifest
+                  if not ((runtime.base_dir / rel).is_file() and file_digest(runtime.base_dir / rel) == digest)]
+        for rel in wanted:  # a stale copy is replaced, by the download or by rank 0's
+            (runtime.base_dir / rel).unlink(missing_ok=True)
+        missing = _download_from_source(runtime, wanted, source)
+        downloaded, wanted = len(wanted) - len(missing), missing
     needs: list[list[str]] = [[] for _ in range(runtime.world_size)]
     dist.all_gather_object(needs, wanted, group=groups.all)
-    to_send = [rel for rel, _, _ in manifest if any(rel in n for n in needs)]
-    if to_send and leader:
-        digests = {rel: digest for rel, _, digest in manifest}
-        for rel in to_send:
-            _stream_file(runtime, groups, rel, keep=rel in wanted and not runtime.is_master,
-                         digest=digests[rel])
-        stats["received"] = sum(rel in wanted for rel in to_send) if not runtime.is_master else 0
+    to_send = [(rel, digest) for rel, digest in manifest if any(rel in n for n in needs)]
+    if leader:
+        for rel, digest in to_send:
+            _stream_file(runtime, groups, rel, keep=rel in wanted, digest=digest)
     # rank 0 reports for every node (the other ranks log warnings only)
-    report: list[dict] = [{} for _ in range(runtime.world_size)]
-    dist.all_gather_object(report, stats if leader else None, group=groups.all)
-    for rank, s in enumerate(report):
-        if rank > 0 and s is not None and runtime.is_master:
-            log.info("node sync: node leader rank %d downloaded %d and received %d file(s) from rank 0",
-                     rank, s["downloaded"], s["received"])
-    return stats
+    report: list = [None] * runtime.world_size
+    dist.all_gather_object(report, (downloaded, len(wanted)) if leader else None, group=groups.all)
+    if runtime.is_master:
+        for rank, counts in enumerate(report):
+            if rank > 0 and counts is not None:
+                log.info("node sync: node leader rank %d downloaded %d and received %d file(s) from rank 0",
+                         rank, *counts)
 
 
 def _stream_file(runtime: Runtime, groups: _Groups, rel: str, *, keep: bool, digest: str) -> None:
@@ -228,13 +219,19 @@ def _copy_chunks(reader, out, size: int, groups: _Groups) -> None:
             raise RuntimeError("node sync: the file shrank while it was being sent")
 
 
+def tokenizer_files() -> list[str]:
+    """The tokenizer's files, relative to the base dir."""
+    from nanochat.tokenizer import PICKLE_NAME, TOKEN_BYTES_NAME, TOKENIZER_SUBDIR
+
+    return [f"{TOKENIZER_SUBDIR}/{PICKLE_NAME}", f"{TOKENIZER_SUBDIR}/{TOKEN_BYTES_NAME}"]
+
+
 def pretraining_files(base_dir: Path, dataset: str | None) -> list[str]:
     """Rank 0's view of what base-train, base-loss and tok-eval read: the tokenizer files
     and every shard of the dataset (train and val), plus their manifest or source record."""
     from nanochat.dataset import MANIFEST_FILE, SOURCE_FILE, data_dir, list_parquet_files
-    from nanochat.tokenizer import PICKLE_NAME, TOKEN_BYTES_NAME, TOKENIZER_SUBDIR
 
-    rel = [f"{TOKENIZER_SUBDIR}/{PICKLE_NAME}", f"{TOKENIZER_SUBDIR}/{TOKEN_BYTES_NAME}"]
+    rel = tokenizer_files()
     directory = data_dir(base_dir, dataset)
     for name in (SOURCE_FILE, MANIFEST_FILE):
         rel.append(os.path.relpath(directory / name, base_dir))
@@ -254,17 +251,16 @@ def sync_checkpoint(runtime: Runtime, stage: str, tag: str | None, step: int | N
                     extra: list[str] = ()) -> tuple[str | None, int | None]:
     """Before every rank loads a checkpoint: rank 0 resolves the tag and step (its newest,
     when not given) and every node gets that checkpoint's weights and meta, the tokenizer,
-    and the `extra` files. Returns the (tag, step) to load; unchanged in one process."""
-    if not runtime.distributed:
-        return tag, step
+    and the `extra` files. Returns the (tag, step) to load (resolved in one process too)."""
     from nanochat.checkpoint import checkpoint_dir, find_largest_tag, find_last_step, stage_root
-    from nanochat.tokenizer import PICKLE_NAME, TOKEN_BYTES_NAME, TOKENIZER_SUBDIR
 
     if runtime.is_master:
         tag = tag or find_largest_tag(stage_root(runtime.base_dir, stage))
-        step = step if step is not None else find_last_step(checkpoint_dir(runtime.base_dir, stage, tag))
+        if step is None and checkpoint_dir(runtime.base_dir, stage, tag).is_dir():
+            step = find_last_step(checkpoint_dir(runtime.base_dir, stage, tag))
+        # (a tag with no folder is left to load_model, whose error lists the tags there are)
     tag, step = from_master(runtime, (tag, step))
-    files = [f"{TOKENIZER_SUBDIR}/{PICKLE_NAME}", f"{TOKENIZER_SUBDIR}/{TOKEN_BYTES_NAME}",
-             *checkpoint_files(runtime.base_dir, checkpoint_dir(runtime.base_dir, stage, tag), step), *extra]
-    sync_files(runtime, files)
+    ckpt_dir = checkpoint_dir(runtime.base_dir, stage, tag)
+    ckpt_files = [] if step is None else checkpoint_files(runtime.base_dir, ckpt_dir, step)
+    sync_files(runtime, [*tokenizer_files(), *ckpt_files, *extra])
     return tag, step

@@ -263,7 +263,6 @@ def test_namespaces_from_a_venv_under_tmp(namespaces, tmp_path):
     """A checkout (and its venv) under /tmp, as a CI clone may be: the sandbox still isolates,
     /tmp is the scratch alone, and the standard library imports."""
     import subprocess
-    import sys
     import venv
 
     venv.create(tmp_path / "venv", with_pip=False, symlinks=True)

@@ -214,14 +214,13 @@ def _load(config: Config, runtime: Runtime):
         slug = Path(config.hf_path).expanduser().resolve().name  # e.g. gpt2 for ./models/gpt2
         return (model, tokenizer, config.hf_path, slug, model.max_seq_len or 1024,
                 tokenizer.token_bytes().to(runtime.device), True)
-    from nanochat.checkpoint import find_largest_tag, load_model, stage_root
+    from nanochat.checkpoint import load_model
     from nanochat.node_sync import pretraining_files, sync_checkpoint
     from nanochat.tokenizer import get_token_bytes
 
     # multi-node: every node gets rank 0's checkpoint, and its shards for bpb (see node_sync)
     tag, step = sync_checkpoint(runtime, "base", config.tag, config.step,
                                 extra=pretraining_files(runtime.base_dir, config.dataset))
-    tag = tag or find_largest_tag(stage_root(runtime.base_dir, "base"))
     model, tokenizer, meta = load_model("base", runtime.base_dir, runtime.device, runtime.dtype, tag=tag, step=step)
     model.eval()
     token_bytes = None

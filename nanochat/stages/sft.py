@@ -332,9 +332,6 @@ def run(config: Config, runtime: Runtime) -> dict:
     # --- the base model and what it passes on ----------------------------------
     # rank 0 picks the checkpoint (default: its newest) and every node gets its files
     base_tag, base_step = sync_checkpoint(runtime, "base", config.model_tag, config.model_step)
-    base_tag = base_tag or ckpt.find_largest_tag(ckpt.stage_root(base_dir, "base"))
-    base_step = base_step if base_step is not None else \
-        ckpt.find_last_step(ckpt.checkpoint_dir(base_dir, "base", base_tag))
     tag = config.output_tag or base_tag
     ckpt_dir = ckpt.checkpoint_dir(base_dir, "sft", tag)
     resume_step = find_resume_step(ckpt_dir, config.resume_from_step, config.resume, runtime)

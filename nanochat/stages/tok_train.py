@@ -17,7 +17,7 @@ from nanochat.config import check, option, to_dict
 from nanochat.dataset import data_dir, tokenizer_train_texts
 from nanochat.errors import UserError
 from nanochat.report import log_section
-from nanochat.tokenizer import PICKLE_NAME, SPECIAL_TOKENS, TOKEN_BYTES_NAME, TOKENIZER_SUBDIR, Tokenizer
+from nanochat.tokenizer import SPECIAL_TOKENS, TOKENIZER_SUBDIR, Tokenizer
 
 log = logging.getLogger("nanochat.tok_train")
 
@@ -59,7 +59,7 @@ class _Counter:
 
 
 def run(config: Config, runtime: Runtime) -> dict:
-    from nanochat.node_sync import sync_files, wait_for_all
+    from nanochat.node_sync import sync_files, tokenizer_files, wait_for_all
 
     config.validate()
     tokenizer_dir = runtime.base_dir / TOKENIZER_SUBDIR
@@ -69,7 +69,7 @@ def run(config: Config, runtime: Runtime) -> dict:
     if runtime.is_master:
         metrics = _train(config, runtime, tokenizer_dir)
     wait_for_all(runtime)
-    sync_files(runtime, [f"{TOKENIZER_SUBDIR}/{PICKLE_NAME}", f"{TOKENIZER_SUBDIR}/{TOKEN_BYTES_NAME}"])
+    sync_files(runtime, tokenizer_files())
     return metrics
 
 
