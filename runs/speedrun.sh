@@ -4,7 +4,7 @@
 #
 #   bash runs/speedrun.sh
 #   WANDB_RUN=speedrun screen -L -Logfile speedrun.log -S speedrun bash runs/speedrun.sh
-#   SMOKE=1 bash runs/speedrun.sh      # the same stages and flags at toy size on a CPU (~3 min)
+#   SMOKE=1 bash runs/speedrun.sh      # the same stages and flags at toy size on a CPU (~2 min, 2 cores)
 #
 # Knobs (environment): NPROC (GPUs, default 8), DEPTH (default 24), DEVICE_BATCH (16),
 # NANOCHAT_BASE_DIR (outputs, default ~/.cache/nanochat), WANDB_RUN (wandb run name),
