@@ -154,48 +154,122 @@ def _use_fa3(q: Tensor) -> bool:
 # -----------------------------------------------------------------------------
 # The KV cache
 
-class KVCache:
-    """Pre-allocated keys and values of every layer, in FA3's layout.
+LAYOUTS = ("bthd", "bhtd")
 
-    k_cache, v_cache: (num_layers, batch_size, seq_len, num_heads, head_dim) in `dtype`,
-    which must be the model's compute dtype (`GPT.make_kv_cache` gets it right).
+
+class KVCache:
+    """Pre-allocated keys and values of every layer.
+
+    k_cache, v_cache: (num_layers, batch_size, seq_len, num_heads, head_dim) in layout
+    "bthd" (FA3's, which reads the cache in place), or (num_layers, batch_size, num_heads,
+    seq_len, head_dim) in layout "bhtd" (SDPA's: each head's keys are one contiguous
+    block, so a decode step reads them without gathering; `GPT.make_kv_cache` picks the
+    layout of the kernel that will run). dtype must be the model's compute dtype.
     cache_seqlens: (batch_size,) int32, the number of filled positions (FA3 reads it);
     every row is at the same position. prev_embedding: (batch_size, 1, n_embd), the last
     token's normalized embedding, which the model's smear gate mixes into the next one.
     The model writes each layer's new keys/values in `attend` and calls `advance(T)` once
     per forward pass.
+
+    prefix: a filled batch-1 cache (same layers, heads, dims, dtype, layout "bhtd") whose
+    positions come before this cache's own: many samples continuing one prompt read the
+    prompt's keys from that one copy instead of batch_size copies (on a CPU a decode
+    step's attention is bound by reading the cache, so this divides its cost by about the
+    batch size while the prompt dominates). Positions count from the start of the prompt
+    (`get_pos()` includes it); seq_len counts this cache's own positions only.
     """
 
     def __init__(self, batch_size: int, num_heads: int, seq_len: int, head_dim: int, num_layers: int,
-                 device: torch.device | str, dtype: torch.dtype):
+                 device: torch.device | str, dtype: torch.dtype, layout: str = "bthd",
+                 prefix: KVCache | None = None):
+        if layout not in LAYOUTS:
+            raise ValueError(f"KV cache layout {layout!r} is not one of {LAYOUTS}")
         self.batch_size = batch_size
-        self.max_seq_len = seq_len
         self.n_layers = num_layers
         self.n_heads = num_heads
         self.head_dim = head_dim
-        shape = (num_layers, batch_size, seq_len, num_heads, head_dim)
+        self.layout = layout
+        shape = ((num_layers, batch_size, seq_len, num_heads, head_dim) if layout == "bthd"
+                 else (num_layers, batch_size, num_heads, seq_len, head_dim))
         self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
+        self._layers = list(zip(self.k_cache.unbind(0), self.v_cache.unbind(0)))  # per-layer views, made once
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.prefix: KVCache | None = None
+        self.prefix_len = 0
         self.pos = 0  # = cache_seqlens[0], kept as a Python int: reading the tensor costs a sync per layer
         self.prev_embedding: Tensor | None = None
+        if prefix is not None:
+            self._attach(prefix)
+
+    def _attach(self, prefix: KVCache) -> None:
+        if self.layout != "bhtd" or prefix.layout != "bhtd":
+            raise ValueError("a shared prefix needs layout 'bhtd' on both caches (FA3 reads one contiguous cache)")
+        if prefix.batch_size != 1 or prefix.prefix is not None:
+            raise ValueError("the shared prefix must be a batch-1 cache without a prefix of its own")
+        self._check_compatible(prefix)
+        self.prefix, self.prefix_len = prefix, prefix.get_pos()
+        self.pos = self.prefix_len
+        self.cache_seqlens.fill_(self.pos)
+        if prefix.prev_embedding is not None:
+            self.prev_embedding = prefix.prev_embedding.expand(self.batch_size, -1, -1).clone()
+
+    def _check_compatible(self, other: KVCache) -> None:
+        mine = (self.n_layers, self.n_heads, self.head_dim)
+        theirs = (other.n_layers, other.n_heads, other.head_dim)
+        if mine != theirs:
+            raise ValueError(f"cache shapes differ: layers/heads/head_dim {mine} vs {theirs}")
+        if (self.layout, self.dtype) != (other.layout, other.dtype):
+            raise ValueError(f"caches differ in layout/dtype: {(self.layout, self.dtype)} vs "
+                             f"{(other.layout, other.dtype)}")
 
     @property
     def dtype(self) -> torch.dtype:
         return self.k_cache.dtype
 
+    @property
+    def max_seq_len(self) -> int:
+        """Positions this cache can hold, its prefix included."""
+        return self.prefix_len + self.k_cache.size(2 if self.layout == "bthd" else 3)
+
     def reset(self) -> None:
+        """Empty the cache (a shared prefix is let go)."""
         self.cache_seqlens.zero_()
-        self.pos = 0
+        self.pos = self.prefix_len = 0
+        self.prefix = None
         self.prev_embedding = None
 
     def get_pos(self) -> int:
-        """Number of positions already filled (the same for every row)."""
+        """Number of positions already filled (the same for every row), prefix included."""
         return self.pos
 
     def get_layer_cache(self, layer: int) -> tuple[Tensor, Tensor]:
-        """(k, v) views of one layer, each (batch_size, seq_len, num_heads, head_dim)."""
-        return self.k_cache[layer], self.v_cache[layer]
+        """(k, v) storage of one layer in this cache's layout (its own positions only)."""
+        return self._layers[layer]
+
+    def store(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """Write k, v (B, T, Hkv, D) at the current position of `layer`."""
+        t = k.size(1)
+        if self.pos + t > self.max_seq_len:
+            raise ValueError(f"the KV cache holds {self.max_seq_len} positions; {self.pos} are used and {t} more "
+                             "do not fit; build a longer cache")
+        own = self.pos - self.prefix_len
+        k_layer, v_layer = self._layers[layer]
+        if self.layout == "bthd":
+            k_layer[:, own:own + t] = k
+            v_layer[:, own:own + t] = v
+        else:
+            k_layer[:, :, own:own + t] = k.transpose(1, 2)
+            v_layer[:, :, own:own + t] = v.transpose(1, 2)
+
+    def heads_view(self, layer: int, end: int) -> tuple[Tensor, Tensor]:
+        """(k, v) of `layer`, each (B, Hkv, positions, D), of this cache's own positions
+        up to absolute position `end` (views, no copy)."""
+        own = end - self.prefix_len
+        k_layer, v_layer = self._layers[layer]
+        if self.layout == "bthd":
+            return k_layer[:, :own].transpose(1, 2), v_layer[:, :own].transpose(1, 2)
+        return k_layer[:, :, :own], v_layer[:, :, :own]
 
     def advance(self, num_tokens: int) -> None:
         self.cache_seqlens += num_tokens
@@ -204,18 +278,21 @@ class KVCache:
     def prefill(self, other: KVCache) -> None:
         """Copy a filled cache (usually batch 1, the prompt) into this empty one, repeating
         its rows across this cache's batch, so many samples can continue one prompt."""
-        if self.get_pos() != 0:
+        if self.get_pos() != 0 or self.prefix is not None:
             raise ValueError("prefill() needs an empty cache; call reset() first")
-        if (self.n_layers, self.n_heads, self.head_dim) != (other.n_layers, other.n_heads, other.head_dim):
-            raise ValueError(f"cache shapes differ: layers/heads/head_dim {(self.n_layers, self.n_heads, self.head_dim)} "
-                             f"vs {(other.n_layers, other.n_heads, other.head_dim)}")
+        self._check_compatible(other)
         if other.batch_size not in (1, self.batch_size):
             raise ValueError(f"cannot spread a batch-{other.batch_size} cache over {self.batch_size} rows")
+        if other.prefix is not None:
+            raise ValueError("prefill() copies a cache without a shared prefix")
         pos = other.get_pos()
         if pos > self.max_seq_len:
             raise ValueError(f"the source cache holds {pos} positions, this one only {self.max_seq_len}")
-        self.k_cache[:, :, :pos] = other.k_cache[:, :, :pos]
-        self.v_cache[:, :, :pos] = other.v_cache[:, :, :pos]
+        for layer in range(self.n_layers):
+            k, v = other.heads_view(layer, pos)
+            mine_k, mine_v = self.heads_view(layer, pos)
+            mine_k.copy_(k.expand_as(mine_k))
+            mine_v.copy_(v.expand_as(mine_v))
         self.cache_seqlens.fill_(pos)
         self.pos = pos
         if other.prev_embedding is not None:
@@ -237,27 +314,53 @@ def causal_window_mask(tq: int, tk: int, window: int, device: torch.device) -> T
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, window: int, masks: dict | None) -> Tensor:
-    """q: (B, Tq, H, D); k, v: (B, Tk, Hkv, D) with the queries the last Tq positions."""
-    tq, tk = q.size(1), k.size(1)
-    gqa = q.size(2) != k.size(2)
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+    """q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D) with the queries the last Tq positions.
+    Returns (B, H, Tq, D)."""
+    tq, tk = q.size(2), k.size(2)
+    gqa = q.size(1) != k.size(1)
     unlimited = window < 0 or window >= tk - 1
     if tq == 1:
         # decoding one token: it may see every cached key, so a slice replaces the mask
         if not unlimited:
-            kt, vt = kt[:, :, tk - window - 1:], vt[:, :, tk - window - 1:]
-        y = F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=gqa)
-    elif tq == tk and unlimited:
-        y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
-    else:
-        key = (tq, tk, window if not unlimited else -1)
-        mask = None if masks is None else masks.get(key)
-        if mask is None:
-            mask = causal_window_mask(tq, tk, key[2], q.device)
-            if masks is not None:
-                masks[key] = mask
-        y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=gqa)
-    return y.transpose(1, 2)
+            k, v = k[:, :, tk - window - 1:], v[:, :, tk - window - 1:]
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if tq == tk and unlimited:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    key = (tq, tk, window if not unlimited else -1)
+    mask = None if masks is None else masks.get(key)
+    if mask is None:
+        mask = causal_window_mask(tq, tk, key[2], q.device)
+        if masks is not None:
+            masks[key] = mask
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def _decode_after_prefix(q: Tensor, prefix_k: Tensor, prefix_v: Tensor, k: Tensor, v: Tensor,
+                         window: int) -> Tensor:
+    """One decoded token per row attending over a shared prompt and its row's own keys.
+
+    q: (B, 1, H, D); prefix_k/v: (1, Hkv, P, D), the prompt every row continues; k, v:
+    (B, Hkv, S, D), each row's keys since the prompt (the newest included). Returns
+    (B, 1, H, D). Softmax over the concatenated scores, so the result is the same
+    attention as over the full keys (up to rounding): the prompt's part is one matmul of
+    all B*H/Hkv queries of a kv head against that head's P keys, read once instead of B
+    times. fp32 only (the scores are not kept in higher precision than the inputs)."""
+    B, _, H, D = q.shape
+    Hkv, P, S = k.size(1), prefix_k.size(2), k.size(2)
+    if 0 <= window < P + S - 1:  # a sliding window: only the last window + 1 keys are visible
+        start = P + S - 1 - window
+        if start >= P:
+            return _sdpa(q.transpose(1, 2), k[:, :, start - P:], v[:, :, start - P:], -1, None).transpose(1, 2)
+        prefix_k, prefix_v, P = prefix_k[:, :, start:], prefix_v[:, :, start:], P - start
+    G = H // Hkv  # query heads per kv head; head h = kv * G + g
+    qg = q.reshape(B, Hkv, G, D)
+    shared = torch.matmul(qg.transpose(0, 1).reshape(Hkv, B * G, D), prefix_k[0].transpose(1, 2))  # (Hkv, B*G, P)
+    own = torch.matmul(qg, k.transpose(2, 3))  # (B, Hkv, G, S)
+    scores = torch.cat([shared.view(Hkv, B, G, P).transpose(0, 1), own], dim=-1)  # (B, Hkv, G, P + S)
+    probs = torch.softmax(scores.mul_(D ** -0.5), dim=-1)
+    y = torch.matmul(probs[..., P:], v)  # (B, Hkv, G, D)
+    y_shared = torch.matmul(probs[..., :P].transpose(0, 1).reshape(Hkv, B * G, P), prefix_v[0])  # (Hkv, B*G, D)
+    return y.add_(y_shared.view(Hkv, B, G, D).transpose(0, 1)).reshape(B, 1, H, D)
 
 
 # -----------------------------------------------------------------------------
@@ -281,16 +384,23 @@ def attend(q: Tensor, k: Tensor, v: Tensor, window: int, kv_cache: KVCache | Non
         fa3 = _load_fa3()[0]
         if kv_cache is None:
             return fa3.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
+        if kv_cache.layout != "bthd" or kv_cache.prefix is not None:
+            raise ValueError("FA3 reads a 'bthd' KV cache without a shared prefix; build the cache with "
+                             "GPT.make_kv_cache, which picks the layout of the kernel that runs")
         k_cache, v_cache = kv_cache.get_layer_cache(layer)
         return fa3.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=kv_cache.cache_seqlens,
                                            causal=True, window_size=(window, 0))
     if kv_cache is None:
-        return _sdpa(q, k, v, window, masks)
-    pos, t = kv_cache.get_pos(), q.size(1)
-    if pos + t > kv_cache.max_seq_len:
-        raise ValueError(f"the KV cache holds {kv_cache.max_seq_len} positions; {pos} are used and {t} more "
-                         "do not fit; build a longer cache")
-    k_cache, v_cache = kv_cache.get_layer_cache(layer)
-    k_cache[:, pos:pos + t] = k
-    v_cache[:, pos:pos + t] = v
-    return _sdpa(q, k_cache[:, :pos + t], v_cache[:, :pos + t], window, masks)
+        return _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window, masks).transpose(1, 2)
+    kv_cache.store(layer, k, v)
+    end = kv_cache.get_pos() + q.size(1)
+    keys, values = kv_cache.heads_view(layer, end)  # (B, Hkv, own positions, D)
+    prefix = kv_cache.prefix
+    if prefix is not None:
+        prefix_k, prefix_v = prefix.heads_view(layer, prefix.get_pos())  # (1, Hkv, P, D)
+        if q.size(1) == 1:
+            return _decode_after_prefix(q, prefix_k, prefix_v, keys, values, window)
+        # several tokens after a shared prompt (the engine never does this): gather the keys
+        keys = torch.cat([prefix_k.expand(keys.size(0), -1, -1, -1), keys], dim=2)
+        values = torch.cat([prefix_v.expand(values.size(0), -1, -1, -1), values], dim=2)
+    return _sdpa(q.transpose(1, 2), keys, values, window, masks).transpose(1, 2)

@@ -8,8 +8,9 @@ expression has to be decoded for the calculator and its result encoded back.
 How one `generate` call runs:
 
 1. prefill: the prompt goes through the model once, at batch 1, into a KV cache. With
-   `num_samples` > 1 that cache is then copied into every row of a batch-N cache, so the
-   prompt is never recomputed per sample. Caches are allocated once, in the model's
+   `num_samples` > 1 a batch-N cache continues it (`make_kv_cache(..., prefix=)`): the
+   rows share that one copy of the prompt's keys where SDPA runs in fp32 (the CPU) and
+   get copies of it elsewhere, so the prompt is never recomputed per sample. Caches are allocated once, in the model's
    compute dtype, sized prompt + max_tokens - 1 (never more than the model's rotary tables
    allow). Every layer keeps all positions, because the last layer always attends over
    the full `sequence_len` window; the sliding-window layers only *read* their last
@@ -26,7 +27,7 @@ How one `generate` call runs:
    stops when every row ended or after `max_tokens` steps.
 
 Model protocol (nanochat.gpt.GPT satisfies it; tests use small fakes): `forward(idx,
-kv_cache=...)` -> fp32 logits (B, T, V), `make_kv_cache(batch_size, seq_len)`,
+kv_cache=...)` -> fp32 logits (B, T, V), `make_kv_cache(batch_size, seq_len, prefix=None)`,
 `get_device()`, `config.sequence_len`; optional `hidden_states`/`logits` (prefill then
 computes the head for the last position only) and `rotary_seq_len` (the longest
 position the model can encode).
@@ -202,9 +203,8 @@ class Engine:
         else:
             prompt_cache = self.model.make_kv_cache(batch_size=1, seq_len=len(tokens))
             logits = self._last_logits(ids, prompt_cache).expand(num_samples, -1)  # (N, V), rows sample independently
-            cache = self.model.make_kv_cache(batch_size=num_samples, seq_len=total)
-            cache.prefill(prompt_cache)
-            del prompt_cache
+            cache = self.model.make_kv_cache(batch_size=num_samples, seq_len=total, prefix=prompt_cache)
+            del prompt_cache  # the cache keeps it where the rows share it
 
         # 2) decode
         rows = [_Row() for _ in range(num_samples)]

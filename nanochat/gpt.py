@@ -82,7 +82,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from nanochat.attention import KVCache, attend, log_backend
+from nanochat.attention import KVCache, attend, log_backend, select_backend
 from nanochat.errors import UserError
 from nanochat.kernels import cpu as cpu_kernels
 
@@ -141,9 +141,13 @@ class GPTConfig:
 class Linear(nn.Linear):
     """nn.Linear whose fp32 master weight is cast to the input's dtype for the matmul.
     Activations already flow in the compute dtype, so this is what sets the matmul
-    precision (replacing autocast)."""
+    precision (replacing autocast). Inference on one or two rows on a CPU (a decode
+    step) multiplies by a cached transposed copy instead (see `row_major_weight`)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if _few_rows(x):
+            y = x @ row_major_weight(self, x.dtype, self.weight)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
         # the dtype test skips a no-op .to() call: decoding one token runs dozens of
         # matmuls whose per-call overhead is comparable to their arithmetic
         w, b = self.weight, self.bias
@@ -152,6 +156,38 @@ class Linear(nn.Linear):
         if b is not None and b.dtype != x.dtype:
             b = b.to(x.dtype)
         return F.linear(x, w, b)
+
+
+# Decoding one token reads every weight matrix once per step: at batch 1 or 2 on a CPU
+# that is a matrix-vector product bound by memory, not arithmetic. Stored (out, in) as
+# nn.Linear keeps it, each output is a dot product over one row, and MKL's kernel for
+# that streams from DRAM at ~5 GB/s on a 2-core EPYC; stored (in, out), the product
+# is a sum of contiguous rows scaled by the input, which streams 2-3x faster there (the
+# (8192, 256) head: 1.4 ms -> 0.5 ms from a cold cache). From 4 rows on, the (out, in)
+# layout is as fast or faster, so only one or two rows take this path.
+FEW_ROWS = 2
+
+
+def _few_rows(x: Tensor) -> bool:
+    return (x.device.type == "cpu" and x.numel() <= FEW_ROWS * x.size(-1) and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling())
+
+
+def row_major_weight(owner: nn.Module, dtype: torch.dtype, *weights: Tensor) -> Tensor:
+    """The (in, sum of outs) matrix [w1^T | w2^T | ...] in `dtype`, contiguous, cached on
+    `owner` until a weight changes (optimizer steps and load_state_dict bump a tensor's
+    version; a cast swaps its storage). It doubles the memory of the weights that take
+    the few-rows path, in exchange for 1.5x faster decoding at batch 1 on a CPU."""
+    if any(w.is_inference() for w in weights):  # made under inference_mode: no version to key a cache on
+        return torch.cat([w.t() for w in weights], dim=1).to(dtype) if len(weights) > 1 else weights[0].t().to(dtype)
+    key = (dtype, *((w.data_ptr(), w._version) for w in weights))
+    cached = owner.__dict__.get("_row_major")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            t = torch.cat([w.t() for w in weights], dim=1) if len(weights) > 1 else weights[0].t()
+            cached = (key, t.to(dtype).contiguous())
+        owner.__dict__["_row_major"] = cached  # a plain attribute: not a parameter, buffer or state
+    return cached[1]
 
 
 def has_value_embedding(layer: int, n_layer: int) -> bool:
@@ -246,15 +282,25 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: Tensor, ve: Tensor | None, rotary: tuple[Tensor, Tensor], window: int,
                 kv_cache: KVCache | None, masks: dict) -> Tensor:
         B, T, _ = x.shape  # x: (B, T, C), already normalized
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        cos, sin = rotary
+        few = _few_rows(x)
+        if few:  # a decode step on a CPU: q, k and v from one matrix-vector product
+            qkv = x @ row_major_weight(self, x.dtype, self.c_q.weight, self.c_k.weight, self.c_v.weight)
+            qk = qkv[..., :(H + Hkv) * D].view(B, T, H + Hkv, D)
+            v = qkv[..., (H + Hkv) * D:].view(B, T, Hkv, D)
+        else:
+            q = self.c_q(x).view(B, T, H, D)
+            k = self.c_k(x).view(B, T, Hkv, D)
+            v = self.c_v(x).view(B, T, Hkv, D)
         if ve is not None:
             # value residual: v += gate * ve, one gate in (0, 3) per token and kv head
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv)
-            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
-        cos, sin = rotary
-        q, k = rope_norm(q, cos, sin, QK_SCALE), rope_norm(k, cos, sin, QK_SCALE)  # rotary, then QK norm
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, Hkv, D)
+        if few:  # rotary + QK norm act per head, so q's and k's heads go through it together
+            q, k = rope_norm(qk, cos, sin, QK_SCALE).split([H, Hkv], dim=2)
+        else:
+            q, k = rope_norm(q, cos, sin, QK_SCALE), rope_norm(k, cos, sin, QK_SCALE)  # rotary, then QK norm
         y = attend(q, k, v, window, kv_cache, self.layer_idx, masks)  # (B, T, H, D)
         return self.c_proj(y.reshape(B, T, -1))
 
@@ -442,11 +488,27 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
                                reduction=loss_reduction)
 
-    def make_kv_cache(self, batch_size: int, seq_len: int) -> KVCache:
-        """An empty KV cache for this model: its heads, dims, device and compute dtype."""
+    def make_kv_cache(self, batch_size: int, seq_len: int, prefix: KVCache | None = None) -> KVCache:
+        """An empty KV cache for this model (its heads, dims, device, compute dtype, and
+        the layout of the attention kernel that will read it) for seq_len positions.
+
+        prefix: a filled batch-1 cache (the prompt) that every row continues. Where the
+        SDPA kernel runs in fp32, the new cache shares it (the rows read one copy of the
+        prompt's keys, see KVCache); elsewhere (FA3, or low precision, where the shared
+        path would round the attention scores) the prompt is copied into every row. Either
+        way the cache starts at the prompt's position and holds seq_len in all."""
         c = self.config
-        return KVCache(batch_size=batch_size, num_heads=c.n_kv_head, seq_len=seq_len, head_dim=c.head_dim,
-                       num_layers=c.n_layer, device=self.get_device(), dtype=self.compute_dtype)
+        device, dtype = self.get_device(), self.compute_dtype
+        layout = "bthd" if select_backend(device, dtype)[0] else "bhtd"
+        shape = dict(num_heads=c.n_kv_head, head_dim=c.head_dim, num_layers=c.n_layer, device=device, dtype=dtype,
+                     layout=layout)
+        if prefix is not None and layout == "bhtd" and dtype == torch.float32 and prefix.batch_size == 1 \
+                and prefix.layout == layout and prefix.prefix is None:
+            return KVCache(batch_size=batch_size, seq_len=max(seq_len - prefix.get_pos(), 0), prefix=prefix, **shape)
+        cache = KVCache(batch_size=batch_size, seq_len=seq_len, **shape)
+        if prefix is not None:
+            cache.prefill(prefix)
+        return cache
 
     # --- accounting ------------------------------------------------------------
 

@@ -211,3 +211,66 @@ def test_fa3_build_chosen_per_compute_capability(monkeypatch, capability, repo):
     assert module is None
     if repo:
         assert "pip install 'nanochat[gpu]'" in why
+
+
+@pytest.mark.parametrize("layout", ["bthd", "bhtd"])
+def test_both_cache_layouts_decode_like_full_attention(layout):
+    B, T, H, Hkv, D, window = 2, 30, 4, 2, 16, 9
+    q, k, v = qkv(B, T, H, Hkv, D, seed=3)
+    full = naive_attention(q, k, v, window)
+    cache = KVCache(B, Hkv, T, D, num_layers=1, device="cpu", dtype=torch.float32, layout=layout)
+    shape = (1, B, T, Hkv, D) if layout == "bthd" else (1, B, Hkv, T, D)
+    assert cache.k_cache.shape == shape and cache.max_seq_len == T
+    out = [attend(q[:, :11], k[:, :11], v[:, :11], window, cache, 0)]
+    cache.advance(11)
+    for t in range(11, T):
+        out.append(attend(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], window, cache, 0))
+        cache.advance(1)
+    torch.testing.assert_close(torch.cat(out, dim=1), full, atol=1e-5, rtol=1e-5)
+    keys, _ = cache.heads_view(0, T)
+    torch.testing.assert_close(keys, k.transpose(1, 2))
+
+
+@pytest.mark.parametrize("window", [-1, 25, 12, 3])
+def test_rows_sharing_a_prompt_attend_like_full_attention(window):
+    """Three rows continue one 20-token prompt kept once (a batch-1 prefix cache): each
+    decoded token equals full attention over its own row, for windows that cover
+    everything, reach into the prompt, or stay inside the row's own keys."""
+    B, P, T, H, Hkv, D = 3, 20, 32, 4, 2, 16
+    q, k, v = qkv(B, T, H, Hkv, D, seed=5)
+    k[:, :P], v[:, :P] = k[:1, :P].clone(), v[:1, :P].clone()  # every row starts with the same prompt
+    full = naive_attention(q, k, v, window)
+    prompt = KVCache(1, Hkv, P, D, num_layers=2, device="cpu", dtype=torch.float32, layout="bhtd")
+    attend(q[:1, :P], k[:1, :P], v[:1, :P], window, prompt, 1)
+    prompt.advance(P)
+    rows = KVCache(B, Hkv, T - P, D, num_layers=2, device="cpu", dtype=torch.float32, layout="bhtd", prefix=prompt)
+    assert rows.get_pos() == P and rows.max_seq_len == T and rows.k_cache.shape == (2, B, Hkv, T - P, D)
+    out = []
+    for t in range(P, T):
+        out.append(attend(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], window, rows, 1))
+        rows.advance(1)
+    torch.testing.assert_close(torch.cat(out, dim=1), full[:, P:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="do not fit"):
+        attend(q[:, :1], k[:, :1], v[:, :1], window, rows, 1)
+
+
+def test_shared_prefix_several_tokens_and_misuse():
+    B, P, H, Hkv, D = 2, 6, 2, 2, 8
+    q, k, v = qkv(B, 10, H, Hkv, D, seed=9)
+    k[:, :P], v[:, :P] = k[:1, :P].clone(), v[:1, :P].clone()
+    prompt = KVCache(1, Hkv, P, D, 1, "cpu", torch.float32, layout="bhtd")
+    attend(q[:1, :P], k[:1, :P], v[:1, :P], -1, prompt, 0)
+    prompt.advance(P)
+    rows = KVCache(B, Hkv, 4, D, 1, "cpu", torch.float32, layout="bhtd", prefix=prompt)
+    y = attend(q[:, P:], k[:, P:], v[:, P:], -1, rows, 0)  # a 4-token chunk after the shared prompt
+    torch.testing.assert_close(y, naive_attention(q, k, v, -1)[:, P:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="layout 'bhtd'"):
+        KVCache(B, Hkv, 4, D, 1, "cpu", torch.float32, layout="bthd", prefix=prompt)
+    with pytest.raises(ValueError, match="batch-1"):
+        KVCache(B, Hkv, 4, D, 1, "cpu", torch.float32, layout="bhtd", prefix=rows)
+    with pytest.raises(ValueError, match="layout"):
+        KVCache(B, Hkv, 4, D, 1, "cpu", torch.float32, layout="thbd")
+    with pytest.raises(ValueError, match="empty cache"):
+        rows.prefill(prompt)
+    rows.reset()
+    assert rows.prefix is None and rows.get_pos() == 0

@@ -61,8 +61,8 @@ def test_kv_cache_sized_and_typed_for_the_generation():
     made: list[KVCache] = []
     original = model.make_kv_cache
 
-    def spy(batch_size, seq_len):
-        made.append(original(batch_size, seq_len))
+    def spy(batch_size, seq_len, prefix=None):
+        made.append(original(batch_size, seq_len, prefix=prefix))
         return made[-1]
 
     model.make_kv_cache = spy
@@ -143,8 +143,11 @@ class ScriptedModel(nn.Module):
     def get_device(self) -> torch.device:
         return self.anchor.device
 
-    def make_kv_cache(self, batch_size: int, seq_len: int) -> KVCache:
-        return KVCache(batch_size, 1, seq_len, 8, 1, self.get_device(), torch.float32)
+    def make_kv_cache(self, batch_size: int, seq_len: int, prefix: KVCache | None = None) -> KVCache:
+        cache = KVCache(batch_size, 1, seq_len, 8, 1, self.get_device(), torch.float32)
+        if prefix is not None:
+            cache.prefill(prefix)
+        return cache
 
     def forward(self, idx, targets=None, kv_cache=None):
         B, T = idx.shape

@@ -420,3 +420,56 @@ def test_helpers_run_the_kernels_in_eager_mode_and_the_formulas_under_compile(mo
     assert torch.equal(traced[2], torch.addcmul(x * a, x0, b))
     assert torch.equal(eager[0], traced[0]) and torch.equal(eager[2], traced[2])  # bitwise, as documented
     torch.testing.assert_close(eager[1], traced[1])  # the fused rotation rounds once fewer
+
+
+def test_samples_sharing_the_prompt_cache_match_the_full_forward(text_tokens):
+    """make_kv_cache(prefix=) on the CPU in fp32: the rows read the batch-1 prompt cache
+    (not copies of it), past layer 0's 128-token window, and match full forwards."""
+    model = tiny_model()
+    idx, _ = batch(text_tokens, 3, 170, offset=12000)
+    prompt, cont = idx[:1, :140], idx[:, 140:]
+    seqs = torch.cat([prompt.expand(3, -1), cont], dim=1)
+    with torch.inference_mode():
+        full = model(seqs)
+        one = model.make_kv_cache(1, 140)
+        model(prompt, kv_cache=one)
+        many = model.make_kv_cache(3, 170, prefix=one)
+        assert many.prefix is one and many.layout == "bhtd" and many.k_cache.size(3) == 30  # own positions only
+        out = [model(cont[:, t:t + 1], kv_cache=many) for t in range(cont.size(1))]
+    torch.testing.assert_close(torch.cat(out, dim=1), full[:, 140:], atol=1e-4, rtol=1e-4)
+    # in bf16 the rows get copies instead (the shared path would round the scores)
+    assert tiny_model(torch.bfloat16).make_kv_cache(2, 8, prefix=None).prefix is None
+    low = tiny_model(torch.bfloat16)
+    with torch.inference_mode():
+        p16 = low.make_kv_cache(1, 5)
+        low(prompt[:, :5], kv_cache=p16)
+        assert low.make_kv_cache(2, 9, prefix=p16).prefix is None
+
+
+def test_one_row_decoding_path_follows_weight_updates(text_tokens):
+    """Decode steps of one or two rows on the CPU multiply by cached transposed weights
+    (q, k, v fused): the logits match the regular path, and an optimizer step or a
+    loaded state dict is seen by the next step (RL decodes between updates)."""
+    model = tiny_model()
+    idx, targets = batch(text_tokens, 2, 24, offset=500)
+
+    def decode_logits(rows):
+        with torch.inference_mode():
+            cache = model.make_kv_cache(rows, 24)
+            return torch.cat([model(idx[:rows, t:t + 1], kv_cache=cache) for t in range(24)], dim=1)
+
+    for rows in (1, 2):
+        with torch.inference_mode():
+            torch.testing.assert_close(decode_logits(rows), model(idx[:rows]), atol=1e-4, rtol=1e-4)
+    attn = model.transformer.h[0].attn
+    assert "_row_major" in attn.__dict__ and "_row_major" in model.lm_head.__dict__
+    assert "_row_major" not in model.state_dict() and not any("_row_major" in n for n, _ in model.named_buffers())
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(idx, targets).backward()
+    optimizer.step()
+    with torch.inference_mode():
+        torch.testing.assert_close(decode_logits(1), model(idx[:1]), atol=1e-4, rtol=1e-4)
+    model.load_state_dict(tiny_model(seed=7).state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(decode_logits(2), model(idx[:2]), atol=1e-4, rtol=1e-4)
