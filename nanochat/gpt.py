@@ -141,12 +141,12 @@ class GPTConfig:
 class Linear(nn.Linear):
     """nn.Linear whose fp32 master weight is cast to the input's dtype for the matmul.
     Activations already flow in the compute dtype, so this is what sets the matmul
-    precision (replacing autocast). Inference on one or two rows on a CPU (a decode
-    step) multiplies by a cached transposed copy instead (see `row_major_weight`)."""
+    precision (replacing autocast). Decode-sized inference on a CPU goes through
+    `decode_matmul` (weights cached in faster layouts) instead."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if _few_rows(x):
-            y = x @ row_major_weight(self, x.dtype, self.weight)
+        if _decode_sized(x):
+            y = decode_matmul(self, x, self.weight)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         # the dtype test skips a no-op .to() call: decoding one token runs dozens of
         # matmuls whose per-call overhead is comparable to their arithmetic
@@ -158,36 +158,68 @@ class Linear(nn.Linear):
         return F.linear(x, w, b)
 
 
-# Decoding one token reads every weight matrix once per step: at batch 1 or 2 on a CPU
-# that is a matrix-vector product bound by memory, not arithmetic. Stored (out, in) as
-# nn.Linear keeps it, each output is a dot product over one row, and MKL's kernel for
-# that streams from DRAM at ~5 GB/s on a 2-core EPYC; stored (in, out), the product
-# is a sum of contiguous rows scaled by the input, which streams 2-3x faster there (the
-# (8192, 256) head: 1.4 ms -> 0.5 ms from a cold cache). From 4 rows on, the (out, in)
-# layout is as fast or faster, so only one or two rows take this path.
+# Decoding reads every weight matrix once per step for a few rows of arithmetic: on a CPU
+# the matmuls are bound by streaming the weights from memory, and how fast that goes
+# depends on the layout MKL is handed (measured on a 2-core AVX2 EPYC, the 17 matmuls of
+# a depth-4 step from a cold cache):
+# - 1 or 2 rows: stored (out, in) as nn.Linear keeps it, each output is a dot product
+#   over one row and streams at ~5 GB/s; stored (in, out), the product is a sum of
+#   contiguous rows scaled by the input: 3.5 -> 2.6 ms (the (8192, 256) head 1.4 -> 0.5 ms).
+# - 3 to 64 rows: MKL's sgemm re-packs the weight on every call; oneDNN's prepacked
+#   format skips that: 8.8 -> 5.6 ms at 16 rows, 8.5 -> 4.1 ms at 4 (fp32; bf16 keeps
+#   F.linear, which already runs on oneDNN).
+# The copies are made on the first decode step and kept on the module (not in its state)
+# until a weight changes; they cost the decoded weights' memory once more per layout.
 FEW_ROWS = 2
+DECODE_ROWS = 64
+_onednn_failed: list[str] = []  # set when oneDNN's prepacked linear is unavailable here
 
 
-def _few_rows(x: Tensor) -> bool:
-    return (x.device.type == "cpu" and x.numel() <= FEW_ROWS * x.size(-1) and not torch.is_grad_enabled()
+def _decode_sized(x: Tensor) -> bool:
+    return (x.device.type == "cpu" and x.numel() <= DECODE_ROWS * x.size(-1) and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling())
 
 
-def row_major_weight(owner: nn.Module, dtype: torch.dtype, *weights: Tensor) -> Tensor:
-    """The (in, sum of outs) matrix [w1^T | w2^T | ...] in `dtype`, contiguous, cached on
-    `owner` until a weight changes (optimizer steps and load_state_dict bump a tensor's
-    version; a cast swaps its storage). It doubles the memory of the weights that take
-    the few-rows path, in exchange for 1.5x faster decoding at batch 1 on a CPU."""
-    if any(w.is_inference() for w in weights):  # made under inference_mode: no version to key a cache on
-        return torch.cat([w.t() for w in weights], dim=1).to(dtype) if len(weights) > 1 else weights[0].t().to(dtype)
+def _cached_weight(owner: nn.Module, kind: str, dtype: torch.dtype, weights: tuple[Tensor, ...], make) -> Tensor:
+    """make(weights) cached on `owner` under `kind` until a weight changes (optimizer
+    steps and load_state_dict bump a tensor's version; a cast swaps its storage).
+    Weights made under inference_mode have no version: nothing is cached for them."""
+    if any(w.is_inference() for w in weights):
+        return make(weights)
     key = (dtype, *((w.data_ptr(), w._version) for w in weights))
-    cached = owner.__dict__.get("_row_major")
-    if cached is None or cached[0] != key:
+    cache = owner.__dict__.setdefault("_decode_weights", {})  # a plain attribute: not a parameter, buffer or state
+    hit = cache.get(kind)
+    if hit is None or hit[0] != key:
         with torch.no_grad():
-            t = torch.cat([w.t() for w in weights], dim=1) if len(weights) > 1 else weights[0].t()
-            cached = (key, t.to(dtype).contiguous())
-        owner.__dict__["_row_major"] = cached  # a plain attribute: not a parameter, buffer or state
-    return cached[1]
+            hit = cache[kind] = (key, make(weights))
+    return hit[1]
+
+
+def _stacked(weights: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
+    """[w1; w2; ...] (sum of outs, in) in dtype."""
+    w = torch.cat(weights) if len(weights) > 1 else weights[0]
+    return w.to(dtype)
+
+
+def decode_matmul(owner: nn.Module, x: Tensor, *weights: Tensor) -> Tensor:
+    """x @ [w1; w2; ...]^T for decode-sized CPU inference (x: (..., in), at most
+    DECODE_ROWS rows), with each weight layout cached on `owner` (see above); several
+    weights give their outputs side by side (q, k and v in one product)."""
+    rows, dtype = x.numel() // x.size(-1), x.dtype
+    if rows <= FEW_ROWS:
+        return x @ _cached_weight(owner, "row_major", dtype, weights,
+                                  lambda ws: _stacked(ws, dtype).t().contiguous())
+    if dtype == torch.float32 and not _onednn_failed:
+        try:
+            packed = _cached_weight(owner, "onednn", dtype, weights,
+                                    lambda ws: torch.ops.mkldnn._reorder_linear_weight(_stacked(ws, dtype), 16))
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.size(-1)), packed, None, "none", [], "")
+            return y.view(*x.shape[:-1], y.size(-1))
+        except (RuntimeError, AttributeError, NotImplementedError) as e:  # a torch built without oneDNN
+            _onednn_failed.append(f"{type(e).__name__}: {e}")
+            log.info("oneDNN prepacked linear unavailable (%s); decoding uses F.linear", _onednn_failed[0])
+    return F.linear(x, _cached_weight(owner, "stacked", dtype, weights, lambda ws: _stacked(ws, dtype))
+                    if len(weights) > 1 or weights[0].dtype != dtype else weights[0])
 
 
 def has_value_embedding(layer: int, n_layer: int) -> bool:
@@ -284,9 +316,9 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape  # x: (B, T, C), already normalized
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         cos, sin = rotary
-        few = _few_rows(x)
-        if few:  # a decode step on a CPU: q, k and v from one matrix-vector product
-            qkv = x @ row_major_weight(self, x.dtype, self.c_q.weight, self.c_k.weight, self.c_v.weight)
+        decoding = _decode_sized(x)
+        if decoding:  # a decode step on a CPU: q, k and v from one product
+            qkv = decode_matmul(self, x, self.c_q.weight, self.c_k.weight, self.c_v.weight)
             qk = qkv[..., :(H + Hkv) * D].view(B, T, H + Hkv, D)
             v = qkv[..., (H + Hkv) * D:].view(B, T, Hkv, D)
         else:
@@ -297,7 +329,7 @@ class CausalSelfAttention(nn.Module):
             # value residual: v += gate * ve, one gate in (0, 3) per token and kv head
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, Hkv, D)
-        if few:  # rotary + QK norm act per head, so q's and k's heads go through it together
+        if decoding:  # rotary + QK norm act per head, so q's and k's heads go through it together
             q, k = rope_norm(qk, cos, sin, QK_SCALE).split([H, Hkv], dim=2)
         else:
             q, k = rope_norm(q, cos, sin, QK_SCALE), rope_norm(k, cos, sin, QK_SCALE)  # rotary, then QK norm

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nanochat import gpt as gpt_module
 from nanochat.gpt import GPT, GPTConfig, LOGIT_SOFTCAP, build_model, rotary_tables
 
 # "SL" with sequence_len 256: layer 0 sees 128 tokens back, the others everything
@@ -446,30 +447,34 @@ def test_samples_sharing_the_prompt_cache_match_the_full_forward(text_tokens):
         assert low.make_kv_cache(2, 9, prefix=p16).prefix is None
 
 
-def test_one_row_decoding_path_follows_weight_updates(text_tokens):
-    """Decode steps of one or two rows on the CPU multiply by cached transposed weights
-    (q, k, v fused): the logits match the regular path, and an optimizer step or a
-    loaded state dict is seen by the next step (RL decodes between updates)."""
+def test_decoding_weight_layouts_follow_weight_updates(text_tokens):
+    """Decode steps on the CPU multiply by cached copies of the weights (transposed for
+    one or two rows, oneDNN-prepacked for more; q, k and v fused): the logits match the
+    regular path, and an optimizer step or a loaded state dict is seen by the next step
+    (RL decodes between updates)."""
     model = tiny_model()
-    idx, targets = batch(text_tokens, 2, 24, offset=500)
+    idx, targets = batch(text_tokens, 3, 24, offset=500)
 
     def decode_logits(rows):
         with torch.inference_mode():
             cache = model.make_kv_cache(rows, 24)
             return torch.cat([model(idx[:rows, t:t + 1], kv_cache=cache) for t in range(24)], dim=1)
 
-    for rows in (1, 2):
+    for rows in (1, 2, 3):
         with torch.inference_mode():
             torch.testing.assert_close(decode_logits(rows), model(idx[:rows]), atol=1e-4, rtol=1e-4)
-    attn = model.transformer.h[0].attn
-    assert "_row_major" in attn.__dict__ and "_row_major" in model.lm_head.__dict__
-    assert "_row_major" not in model.state_dict() and not any("_row_major" in n for n, _ in model.named_buffers())
+    kinds = model.transformer.h[0].attn.__dict__["_decode_weights"]
+    assert "row_major" in kinds and ("onednn" in kinds or gpt_module._onednn_failed)
+    assert "_decode_weights" in model.lm_head.__dict__
+    assert not any("decode" in n for n in model.state_dict())
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     model(idx, targets).backward()
     optimizer.step()
     with torch.inference_mode():
         torch.testing.assert_close(decode_logits(1), model(idx[:1]), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(decode_logits(3), model(idx), atol=1e-4, rtol=1e-4)
     model.load_state_dict(tiny_model(seed=7).state_dict())
     with torch.inference_mode():
         torch.testing.assert_close(decode_logits(2), model(idx[:2]), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(decode_logits(3), model(idx), atol=1e-4, rtol=1e-4)
