@@ -37,6 +37,9 @@ Features
   projection, the per-layer residual mix, the head's loss) run as the row-blocked
   autograd kernels of `nanochat.kernels.cpu`, which allocate only their outputs; under
   torch.compile the plain formulas are used and the compiler fuses them.
+- CPU decoding: inference on at most 64 rows (a decode step) multiplies by copies of the
+  weights cached in faster layouts (`decode_matmul`: transposed for one or two rows,
+  oneDNN-prepacked for more, q/k/v fused), and q and k share one rotary + QK norm call
 
 Compute policy: parameters are fp32 masters; every matmul runs in `compute_dtype`
 (a constructor argument, chosen by the CLI's Runtime) by casting the weight in
@@ -74,6 +77,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import weakref
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -169,10 +174,23 @@ class Linear(nn.Linear):
 #   format skips that: 8.8 -> 5.6 ms at 16 rows, 8.5 -> 4.1 ms at 4 (fp32; bf16 keeps
 #   F.linear, which already runs on oneDNN).
 # The copies are made on the first decode step and kept on the module (not in its state)
-# until a weight changes; they cost the decoded weights' memory once more per layout.
+# until a weight changes; they cost the decoded weights' memory once more per layout, up
+# to NANOCHAT_DECODE_WEIGHTS_MB in all (default 4096; 0 turns the copies off), past which
+# the remaining matrices use F.linear as they are.
 FEW_ROWS = 2
 DECODE_ROWS = 64
+DECODE_WEIGHTS_MB_DEFAULT = 4096
 _onednn_failed: list[str] = []  # set when oneDNN's prepacked linear is unavailable here
+_decode_bytes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # owner module -> bytes it caches
+
+
+def _decode_budget_bytes() -> int:
+    raw = os.environ.get("NANOCHAT_DECODE_WEIGHTS_MB", str(DECODE_WEIGHTS_MB_DEFAULT))
+    try:
+        return max(int(raw), 0) << 20
+    except ValueError:
+        raise UserError(f"NANOCHAT_DECODE_WEIGHTS_MB={raw!r} is not a whole number of MiB (0 turns "
+                        "the decoding weight copies off)") from None
 
 
 def _decode_sized(x: Tensor) -> bool:
@@ -180,18 +198,25 @@ def _decode_sized(x: Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
-def _cached_weight(owner: nn.Module, kind: str, dtype: torch.dtype, weights: tuple[Tensor, ...], make) -> Tensor:
+def _cached_weight(owner: nn.Module, kind: str, dtype: torch.dtype, weights: tuple[Tensor, ...],
+                   make) -> Tensor | None:
     """make(weights) cached on `owner` under `kind` until a weight changes (optimizer
-    steps and load_state_dict bump a tensor's version; a cast swaps its storage).
-    Weights made under inference_mode have no version: nothing is cached for them."""
+    steps and load_state_dict bump a tensor's version; a cast swaps its storage); None
+    when the copy would exceed the memory budget. Weights made under inference_mode have
+    no version: they are not cached (made per call)."""
     if any(w.is_inference() for w in weights):
         return make(weights)
     key = (dtype, *((w.data_ptr(), w._version) for w in weights))
     cache = owner.__dict__.setdefault("_decode_weights", {})  # a plain attribute: not a parameter, buffer or state
     hit = cache.get(kind)
     if hit is None or hit[0] != key:
+        size = sum(w.numel() for w in weights) * dtype.itemsize
+        held = sum(_decode_bytes.values()) - (hit[1].nbytes if hit is not None else 0)
+        if held + size > _decode_budget_bytes():
+            return None
         with torch.no_grad():
             hit = cache[kind] = (key, make(weights))
+        _decode_bytes[owner] = sum(t.nbytes for _, t in cache.values())
     return hit[1]
 
 
@@ -207,19 +232,23 @@ def decode_matmul(owner: nn.Module, x: Tensor, *weights: Tensor) -> Tensor:
     weights give their outputs side by side (q, k and v in one product)."""
     rows, dtype = x.numel() // x.size(-1), x.dtype
     if rows <= FEW_ROWS:
-        return x @ _cached_weight(owner, "row_major", dtype, weights,
-                                  lambda ws: _stacked(ws, dtype).t().contiguous())
-    if dtype == torch.float32 and not _onednn_failed:
+        row_major = _cached_weight(owner, "row_major", dtype, weights, lambda ws: _stacked(ws, dtype).t().contiguous())
+        if row_major is not None:
+            return x @ row_major
+    elif dtype == torch.float32 and not _onednn_failed:
         try:
             packed = _cached_weight(owner, "onednn", dtype, weights,
                                     lambda ws: torch.ops.mkldnn._reorder_linear_weight(_stacked(ws, dtype), 16))
-            y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.size(-1)), packed, None, "none", [], "")
-            return y.view(*x.shape[:-1], y.size(-1))
+            if packed is not None:
+                y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.size(-1)), packed, None, "none", [], "")
+                return y.view(*x.shape[:-1], y.size(-1))
         except (RuntimeError, AttributeError, NotImplementedError) as e:  # a torch built without oneDNN
             _onednn_failed.append(f"{type(e).__name__}: {e}")
             log.info("oneDNN prepacked linear unavailable (%s); decoding uses F.linear", _onednn_failed[0])
-    return F.linear(x, _cached_weight(owner, "stacked", dtype, weights, lambda ws: _stacked(ws, dtype))
-                    if len(weights) > 1 or weights[0].dtype != dtype else weights[0])
+    # past the budget, or no faster layout for this case: the weights as they are
+    if len(weights) == 1:
+        return F.linear(x, weights[0].to(dtype))
+    return torch.cat([F.linear(x, w.to(dtype)) for w in weights], dim=-1)
 
 
 def has_value_embedding(layer: int, n_layer: int) -> bool:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat import gpt as gpt_module
+from nanochat.errors import UserError
 from nanochat.gpt import GPT, GPTConfig, LOGIT_SOFTCAP, build_model, rotary_tables
 
 # "SL" with sequence_len 256: layer 0 sees 128 tokens back, the others everything
@@ -478,3 +479,22 @@ def test_decoding_weight_layouts_follow_weight_updates(text_tokens):
     with torch.inference_mode():
         torch.testing.assert_close(decode_logits(2), model(idx[:2]), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(decode_logits(3), model(idx), atol=1e-4, rtol=1e-4)
+
+
+def test_decoding_weight_copies_respect_their_memory_budget(text_tokens, monkeypatch):
+    idx, _ = batch(text_tokens, 3, 12, offset=700)
+    for budget, cached in (("0", False), ("4096", True)):
+        monkeypatch.setenv("NANOCHAT_DECODE_WEIGHTS_MB", budget)
+        model = tiny_model()
+        with torch.inference_mode():
+            for rows in (1, 3):
+                cache = model.make_kv_cache(rows, 12)
+                steps = torch.cat([model(idx[:rows, t:t + 1], kv_cache=cache) for t in range(12)], dim=1)
+                torch.testing.assert_close(steps, model(idx[:rows]), atol=1e-4, rtol=1e-4)
+        held = model.lm_head.__dict__.get("_decode_weights", {})
+        assert bool(held) == cached
+    monkeypatch.setenv("NANOCHAT_DECODE_WEIGHTS_MB", "lots")
+    model = tiny_model()
+    with pytest.raises(UserError, match="NANOCHAT_DECODE_WEIGHTS_MB"):
+        with torch.inference_mode():
+            model(idx[:1, :1])
