@@ -228,9 +228,14 @@ class KVCache:
         return self.k_cache.dtype
 
     @property
+    def _time_dim(self) -> int:
+        """The positions' dimension of k_cache / v_cache."""
+        return 2 if self.layout == "bthd" else 3
+
+    @property
     def max_seq_len(self) -> int:
         """Positions this cache can hold, its prefix included."""
-        return self.prefix_len + self.k_cache.size(2 if self.layout == "bthd" else 3)
+        return self.prefix_len + self.k_cache.size(self._time_dim)
 
     def reset(self) -> None:
         """Empty the cache (a shared prefix is let go)."""
@@ -288,11 +293,9 @@ class KVCache:
         pos = other.get_pos()
         if pos > self.max_seq_len:
             raise ValueError(f"the source cache holds {pos} positions, this one only {self.max_seq_len}")
-        for layer in range(self.n_layers):
-            k, v = other.heads_view(layer, pos)
-            mine_k, mine_v = self.heads_view(layer, pos)
-            mine_k.copy_(k.expand_as(mine_k))
-            mine_v.copy_(v.expand_as(mine_v))
+        for mine, theirs in ((self.k_cache, other.k_cache), (self.v_cache, other.v_cache)):
+            dst = mine.narrow(self._time_dim, 0, pos)
+            dst.copy_(theirs.narrow(self._time_dim, 0, pos).expand_as(dst))
         self.cache_seqlens.fill_(pos)
         self.pos = pos
         if other.prev_embedding is not None:

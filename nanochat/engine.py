@@ -10,12 +10,12 @@ How one `generate` call runs:
 1. prefill: the prompt goes through the model once, at batch 1, into a KV cache. With
    `num_samples` > 1 a batch-N cache continues it (`make_kv_cache(..., prefix=)`): the
    rows share that one copy of the prompt's keys where SDPA runs in fp32 (the CPU) and
-   get copies of it elsewhere, so the prompt is never recomputed per sample. Caches are allocated once, in the model's
-   compute dtype, sized prompt + max_tokens - 1 (never more than the model's rotary tables
-   allow). Every layer keeps all positions, because the last layer always attends over
-   the full `sequence_len` window; the sliding-window layers only *read* their last
-   `window + 1` keys (see attention.py), so per-step cost grows only in the full-window
-   layers.
+   get copies of it elsewhere, so the prompt is never recomputed per sample. Caches are
+   allocated once, in the model's compute dtype, sized prompt + max_tokens - 1 (never
+   more than the model's rotary tables allow). Every layer keeps all positions, because
+   the last layer always attends over the full `sequence_len` window; the sliding-window
+   layers only *read* their last `window + 1` keys (see attention.py), so per-step cost
+   grows only in the full-window layers.
 2. decode: each step samples one token per row from the last logits (temperature,
    top-k, one seeded torch.Generator), feeds the column back, and yields
    `(token_column, forced_mask)`.

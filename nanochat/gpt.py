@@ -549,22 +549,26 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
                                reduction=loss_reduction)
 
+    def shares_prompt_cache(self) -> bool:
+        """Whether `make_kv_cache(..., prefix=)` shares the prompt's cache between rows
+        (SDPA in fp32) rather than copying it into each (FA3 reads one contiguous cache;
+        in low precision the shared path would round the attention scores)."""
+        return self.compute_dtype == torch.float32 and not select_backend(self.get_device(), self.compute_dtype)[0]
+
     def make_kv_cache(self, batch_size: int, seq_len: int, prefix: KVCache | None = None) -> KVCache:
         """An empty KV cache for this model (its heads, dims, device, compute dtype, and
         the layout of the attention kernel that will read it) for seq_len positions.
 
-        prefix: a filled batch-1 cache (the prompt) that every row continues. Where the
-        SDPA kernel runs in fp32, the new cache shares it (the rows read one copy of the
-        prompt's keys, see KVCache); elsewhere (FA3, or low precision, where the shared
-        path would round the attention scores) the prompt is copied into every row. Either
-        way the cache starts at the prompt's position and holds seq_len in all."""
+        prefix: a filled batch-1 cache (the prompt) that every row continues: shared by
+        the rows where `shares_prompt_cache()` (they read one copy of the prompt's keys,
+        see KVCache), else copied into every row. Either way the cache starts at the
+        prompt's position and holds seq_len in all."""
         c = self.config
         device, dtype = self.get_device(), self.compute_dtype
         layout = "bthd" if select_backend(device, dtype)[0] else "bhtd"
         shape = dict(num_heads=c.n_kv_head, head_dim=c.head_dim, num_layers=c.n_layer, device=device, dtype=dtype,
                      layout=layout)
-        if prefix is not None and layout == "bhtd" and dtype == torch.float32 and prefix.batch_size == 1 \
-                and prefix.layout == layout and prefix.prefix is None:
+        if prefix is not None and batch_size > 1 and self.shares_prompt_cache():
             return KVCache(batch_size=batch_size, seq_len=max(seq_len - prefix.get_pos(), 0), prefix=prefix, **shape)
         cache = KVCache(batch_size=batch_size, seq_len=seq_len, **shape)
         if prefix is not None:

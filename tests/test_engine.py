@@ -255,6 +255,13 @@ def test_bench_infer_smoke(tmp_path, capsys):
     per_position = 2 * model.config.n_kv_head * model.config.head_dim * 4
     assert bench_infer.kv_bytes_read(model, 1, 100) == (101 + 101) * per_position
     assert bench_infer.kv_bytes_read(model, 2, 300) == 2 * (129 + 301) * per_position
+    # rows sharing a 250-token prompt read it once: 51 own keys per row in each layer
+    assert bench_infer.kv_bytes_read(model, 2, 300, shared=250) == (2 * 51 + 78 + 2 * 51 + 250) * per_position
+    # the batch-3 row of the run was measured with the prompt shared (fp32 on the CPU)
+    mid = config.prompt_len + config.decode_tokens // 2
+    assert model.shares_prompt_cache()
+    assert metrics["batches"][1]["bytes_per_step"] == (bench_infer.weight_bytes(model)
+                                                       + bench_infer.kv_bytes_read(model, 3, mid, config.prompt_len))
     # decode FLOPs: 2 per matmul weight (not the embedding tables) + attention over the read keys
     c = model.config
     matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "wte" not in n

@@ -185,21 +185,32 @@ def test_kv_cache_decoding_equals_full_forward(text_tokens):
     assert cache.get_pos() == 190
 
 
+def continue_one_prompt(model, text_tokens, rows, prompt_len, total, offset, share):
+    """Prefill a batch-1 prompt, continue it in `rows` rows one token at a time through a
+    cache that shares the prompt (make_kv_cache(prefix=)) or holds copies (prefill);
+    returns (decoded logits, the full forward's logits of those positions, the rows'
+    cache, the prompt's cache)."""
+    idx, _ = batch(text_tokens, rows, total, offset=offset)
+    prompt, cont = idx[:1, :prompt_len], idx[:, prompt_len:]
+    seqs = torch.cat([prompt.expand(rows, -1), cont], dim=1)
+    with torch.inference_mode():
+        full = model(seqs)
+        one = model.make_kv_cache(1, prompt_len)
+        model(prompt, kv_cache=one)
+        if share:
+            many = model.make_kv_cache(rows, total, prefix=one)
+        else:
+            many = model.make_kv_cache(rows, total)
+            many.prefill(one)
+        out = [model(cont[:, t:t + 1], kv_cache=many) for t in range(cont.size(1))]
+    return torch.cat(out, dim=1), full[:, prompt_len:], many, one
+
+
 def test_kv_cache_spread_to_several_samples(text_tokens):
     """A batch-1 prompt cache copied into 2 rows; each row then continues with its own
     tokens and matches a full forward of its own sequence (smear state included)."""
-    model = tiny_model()
-    idx, _ = batch(text_tokens, 2, 60, offset=9000)
-    prompt, cont = idx[:1, :40], idx[:, 40:]
-    seqs = torch.cat([prompt.expand(2, -1), cont], dim=1)
-    with torch.inference_mode():
-        full = model(seqs)
-        one = model.make_kv_cache(1, 40)
-        model(prompt, kv_cache=one)
-        many = model.make_kv_cache(2, 60)
-        many.prefill(one)
-        out = [model(cont[:, t:t + 1], kv_cache=many) for t in range(cont.size(1))]
-    torch.testing.assert_close(torch.cat(out, dim=1), full[:, 40:], atol=1e-4, rtol=1e-4)
+    out, full, _, _ = continue_one_prompt(tiny_model(), text_tokens, 2, 40, 60, offset=9000, share=False)
+    torch.testing.assert_close(out, full, atol=1e-4, rtol=1e-4)
 
 
 def test_positions_beyond_the_rotary_tables_raise():
@@ -427,24 +438,15 @@ def test_helpers_run_the_kernels_in_eager_mode_and_the_formulas_under_compile(mo
 def test_samples_sharing_the_prompt_cache_match_the_full_forward(text_tokens):
     """make_kv_cache(prefix=) on the CPU in fp32: the rows read the batch-1 prompt cache
     (not copies of it), past layer 0's 128-token window, and match full forwards."""
-    model = tiny_model()
-    idx, _ = batch(text_tokens, 3, 170, offset=12000)
-    prompt, cont = idx[:1, :140], idx[:, 140:]
-    seqs = torch.cat([prompt.expand(3, -1), cont], dim=1)
-    with torch.inference_mode():
-        full = model(seqs)
-        one = model.make_kv_cache(1, 140)
-        model(prompt, kv_cache=one)
-        many = model.make_kv_cache(3, 170, prefix=one)
-        assert many.prefix is one and many.layout == "bhtd" and many.k_cache.size(3) == 30  # own positions only
-        out = [model(cont[:, t:t + 1], kv_cache=many) for t in range(cont.size(1))]
-    torch.testing.assert_close(torch.cat(out, dim=1), full[:, 140:], atol=1e-4, rtol=1e-4)
+    out, full, many, one = continue_one_prompt(tiny_model(), text_tokens, 3, 140, 170, offset=12000, share=True)
+    assert many.prefix is one and many.layout == "bhtd" and many.k_cache.size(3) == 30  # own positions only
+    torch.testing.assert_close(out, full, atol=1e-4, rtol=1e-4)
     # in bf16 the rows get copies instead (the shared path would round the scores)
-    assert tiny_model(torch.bfloat16).make_kv_cache(2, 8, prefix=None).prefix is None
     low = tiny_model(torch.bfloat16)
+    assert not low.shares_prompt_cache()
     with torch.inference_mode():
         p16 = low.make_kv_cache(1, 5)
-        low(prompt[:, :5], kv_cache=p16)
+        low(torch.zeros(1, 5, dtype=torch.long), kv_cache=p16)
         assert low.make_kv_cache(2, 9, prefix=p16).prefix is None
 
 

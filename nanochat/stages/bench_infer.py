@@ -152,13 +152,20 @@ def decode_flops(model: torch.nn.Module, position: int) -> int:
     return 2 * matmul + attention
 
 
-def kv_bytes_read(model: torch.nn.Module, batch: int, position: int) -> int:
+def kv_bytes_read(model: torch.nn.Module, batch: int, position: int, shared: int = 0) -> int:
     """Bytes of cached keys and values attention reads for one decode step at `position`
-    (tokens already cached): each layer reads min(position, window) + 1 positions."""
+    (tokens already cached): each layer reads min(position, window) + 1 positions per
+    row, except that the first `shared` positions (a prompt the rows share, see
+    GPT.make_kv_cache) are read once for all rows."""
     c = model.config
     itemsize = torch.empty((), dtype=model.compute_dtype).element_size()
     per_position = 2 * c.n_kv_head * c.head_dim * itemsize  # k and v
-    return sum(batch * (min(position, w) + 1) * per_position for w in model.window_sizes)
+    total = 0
+    for w in model.window_sizes:
+        visible = min(position, w) + 1
+        own = min(visible, position + 1 - shared)  # the row's own keys among the visible ones
+        total += (batch * own + (visible - own)) * per_position
+    return total
 
 
 def _sync(device: torch.device) -> None:
@@ -213,7 +220,8 @@ def bench_batches(engine, config: Config, vocab: int, peak_flops: float, peak_ba
             steps.extend(step_times)
         step_s = statistics.median(steps)
         mid_position = config.prompt_len + config.decode_tokens // 2
-        read = weight_bytes(model) + kv_bytes_read(model, batch, mid_position)
+        shared = config.prompt_len if batch > 1 and getattr(model, "shares_prompt_cache", lambda: False)() else 0
+        read = weight_bytes(model) + kv_bytes_read(model, batch, mid_position, shared)
         flops = batch * decode_flops(model, mid_position)
         rows.append({
             "batch": batch, "ttft_ms": 1e3 * statistics.median(ttfts), "step_ms": 1e3 * step_s,
