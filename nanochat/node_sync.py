@@ -8,8 +8,9 @@ second node would start without shards or a tokenizer. `sync_files` closes that 
 
 1. a probe file tells whether all ranks see rank 0's base dir; if they do (one node, or a
    shared disk) nothing is read, copied or done twice (the answer is kept for the run);
-2. otherwise rank 0 lists the files (path under the base dir, size, digest) and each node's local rank 0 (its "leader") compares its copies, downloads the
-   missing web-text shards from the source recorded in `base_data/source.json` when
+2. otherwise rank 0 lists the files (path under the base dir and a digest that covers
+   the size) and each node's local rank 0 (its "leader") compares its copies, downloads
+   the missing web-text shards from the source recorded in `base_data/source.json` when
    there is one, and receives everything else from rank 0 in chunks over a gloo group of
    the leaders; each file is written atomically. The other ranks wait on a barrier.
 

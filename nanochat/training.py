@@ -29,6 +29,13 @@ from nanochat import checkpoint as ckpt
 from nanochat.common import Runtime, atomic_write_text, release_free_memory
 from nanochat.errors import UserError
 
+# Help for the Muon refinement switches every training stage offers (on by default, as
+# upstream has them; off is the reference's plain Muon step).
+MUON_EQ_HELP = ("MuonEq: equalise the rows' norms before Muon's orthogonalisation (upstream's default; "
+                "--no-muon-eq is the reference's step)")
+MUON_PLUS_HELP = ("Muon+: rescale each orthogonalised update to Frobenius norm sqrt(min(rows, cols)) "
+                  "(upstream's default; --no-muon-plus is the reference's step)")
+
 log = logging.getLogger("nanochat.training")
 
 

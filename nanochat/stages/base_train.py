@@ -32,8 +32,9 @@ from nanochat import scaling
 from nanochat.common import Runtime, peak_flops, release_free_memory
 from nanochat.config import check, option, to_dict
 from nanochat.errors import UserError
-from nanochat.training import (StepLogger, Timer, apply_schedule, find_resume_step, make_grad_scaler, make_sinks,
-                               optimizer_step, peak_memory_bytes, restore_checkpoint, train_loop)
+from nanochat.training import (MUON_EQ_HELP, MUON_PLUS_HELP, StepLogger, Timer, apply_schedule, find_resume_step,
+                               make_grad_scaler, make_sinks, optimizer_step, peak_memory_bytes, restore_checkpoint,
+                               train_loop)
 
 log = logging.getLogger("nanochat.base_train")
 
@@ -72,10 +73,8 @@ class Config:
     warmup_steps: int = option(40, "steps of linear LR warmup")
     warmdown_ratio: float = option(0.65, "fraction of the run spent in the final linear LR warmdown")
     final_lr_frac: float = option(0.05, "LR at the end of warmdown, as a fraction of the peak")
-    muon_eq: bool = option(True, "MuonEq: equalise the rows' norms before Muon's orthogonalisation (upstream's "
-                                 "default; --no-muon-eq is the reference's step)")
-    muon_plus: bool = option(True, "Muon+: rescale each orthogonalised update to Frobenius norm sqrt(min(rows, cols)) "
-                                   "(upstream's default; --no-muon-plus is the reference's step)")
+    muon_eq: bool = option(True, MUON_EQ_HELP)
+    muon_plus: bool = option(True, MUON_PLUS_HELP)
     # evaluation and output
     eval_every: int = option(250, "measure val bits per byte every N steps (0: only at the end; -1: never)")
     eval_tokens: int = option(80 * 524288, "tokens of the val shard per evaluation")

@@ -38,6 +38,7 @@ import torch
 from nanochat.common import Runtime, peak_flops
 from nanochat.config import check, option
 from nanochat.errors import UserError
+from nanochat.training import MUON_EQ_HELP, MUON_PLUS_HELP
 
 log = logging.getLogger("nanochat.bench_train")
 
@@ -68,10 +69,8 @@ class Config:
                                          "peak memory is per run), and print the speedup")
     profile: bool = option(False, "after the timed steps, profile two more with torch.profiler and print "
                                   "the operators that take the most time")
-    muon_eq: bool = option(True, "MuonEq: equalise the rows' norms before Muon's orthogonalisation (upstream's "
-                                 "default; --no-muon-eq is the reference's step)")
-    muon_plus: bool = option(True, "Muon+: rescale each orthogonalised update to Frobenius norm sqrt(min(rows, cols)) "
-                                   "(upstream's default; --no-muon-plus is the reference's step)")
+    muon_eq: bool = option(True, MUON_EQ_HELP)
+    muon_plus: bool = option(True, MUON_PLUS_HELP)
     seed: int = option(0, "seed for the weights and the random tokens")
 
     def validate(self) -> None:

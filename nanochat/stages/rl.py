@@ -36,8 +36,9 @@ import torch.distributed as dist
 from nanochat.common import Runtime, peak_flops
 from nanochat.config import check, option, to_dict
 from nanochat.errors import UserError
-from nanochat.training import (StepLogger, Timer, apply_schedule, find_resume_step, make_grad_scaler, make_sinks,
-                               optimizer_step, peak_memory_bytes, restore_checkpoint, train_loop)
+from nanochat.training import (MUON_EQ_HELP, MUON_PLUS_HELP, StepLogger, Timer, apply_schedule, find_resume_step,
+                               make_grad_scaler, make_sinks, optimizer_step, peak_memory_bytes, restore_checkpoint,
+                               train_loop)
 
 log = logging.getLogger("nanochat.rl")
 
@@ -64,10 +65,8 @@ class Config:
     matrix_lr: float = option(0.02, "Muon learning rate of the block matrices (before --init-lr-frac)")
     weight_decay: float = option(0.0, "weight decay")
     init_lr_frac: float = option(0.05, "every group starts at this fraction of its learning rate")
-    muon_eq: bool = option(True, "MuonEq: equalise the rows' norms before Muon's orthogonalisation (upstream's "
-                                 "default; --no-muon-eq is the reference's step)")
-    muon_plus: bool = option(True, "Muon+: rescale each orthogonalised update to Frobenius norm sqrt(min(rows, cols)) "
-                                   "(upstream's default; --no-muon-plus is the reference's step)")
+    muon_eq: bool = option(True, MUON_EQ_HELP)
+    muon_plus: bool = option(True, MUON_PLUS_HELP)
     # evaluation and output
     eval_every: int = option(60, "measure pass@k on GSM8K test every N steps (0: only at the end; -1: never)")
     eval_examples: int = option(400, "GSM8K test questions per evaluation")

@@ -42,8 +42,9 @@ from nanochat.config import check, option, to_dict
 from nanochat.errors import UserError
 from nanochat.tasks.mixture import (DEFAULT_GSM8K_EPOCHS, DEFAULT_MMLU_EPOCHS, build_mixture, default_mixture,
                                     default_val_mixture, parse_mixture)
-from nanochat.training import (StepLogger, Timer, apply_schedule, find_resume_step, make_grad_scaler, make_sinks,
-                               optimizer_step, peak_memory_bytes, restore_checkpoint, train_loop)
+from nanochat.training import (MUON_EQ_HELP, MUON_PLUS_HELP, StepLogger, Timer, apply_schedule, find_resume_step,
+                               make_grad_scaler, make_sinks, optimizer_step, peak_memory_bytes, restore_checkpoint,
+                               train_loop)
 
 log = logging.getLogger("nanochat.sft")
 
@@ -83,10 +84,8 @@ class Config:
     warmup_ratio: float = option(0.0, "fraction of the run spent in linear LR warmup")
     warmdown_ratio: float = option(0.5, "fraction of the run spent in the final linear LR warmdown")
     final_lr_frac: float = option(0.0, "LR at the end of warmdown, as a fraction of the peak")
-    muon_eq: bool = option(True, "MuonEq: equalise the rows' norms before Muon's orthogonalisation (upstream's "
-                                 "default; --no-muon-eq is the reference's step)")
-    muon_plus: bool = option(True, "Muon+: rescale each orthogonalised update to Frobenius norm sqrt(min(rows, cols)) "
-                                   "(upstream's default; --no-muon-plus is the reference's step)")
+    muon_eq: bool = option(True, MUON_EQ_HELP)
+    muon_plus: bool = option(True, MUON_PLUS_HELP)
     # data
     mixture: list[str] | None = option(None, "training mixture, specs NAME[:EPOCHS][@ROWS] [automatic: the reference's]")
     mixture_add: list[str] | None = option(None, "specs appended to the default mixture")
