@@ -500,3 +500,19 @@ def test_decoding_weight_copies_respect_their_memory_budget(text_tokens, monkeyp
     with pytest.raises(UserError, match="NANOCHAT_DECODE_WEIGHTS_MB"):
         with torch.inference_mode():
             model(idx[:1, :1])
+
+
+def test_decode_matmul_benchmark_runs_and_checks_its_products():
+    """benchmarks/decode_matmuls.py (README's figures for the decode layouts) compares
+    each product both ways before timing them, and reports every row count it was given."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_matmuls.py"
+    out = subprocess.run([sys.executable, str(script), "--depth", "1", "--vocab-size", "512", "--rows", "1", "5",
+                          "--repeats", "1", "--sweep-mb", "1", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert [r["rows"] for r in summary["results"]] == [1, 5] and summary["n_embd"] == 64
+    assert all(r["reference_ms"] > 0 and r["ours_ms"] > 0 for r in summary["results"])
