@@ -414,45 +414,60 @@ def device_description(device: torch.device) -> str:
     return device.type
 
 
-def _cached_peak(cache_dir: str | os.PathLike | None, filename: str, key: str, measure) -> float:
-    """measure() once per key, kept in `cache_dir/filename` (JSON) when cache_dir is given."""
+def _cached_peak(cache_dir: str | os.PathLike | None, filename: str, key: str, measure,
+                 at_least: float = 0.0) -> float:
+    """measure() once per key, kept in `cache_dir/filename` (JSON) when cache_dir is given.
+
+    at_least: a rate this run achieved, which the peak cannot be below. A cached figure
+    under it was measured while something else loaded the machine (it would put MFU above
+    100% from then on), so it is measured again and replaced by the larger of the two."""
     if cache_dir is None:
-        return measure()
+        return max(measure(), at_least)
     import json
     path = Path(cache_dir) / filename
     table: dict = {}
     with contextlib.suppress(OSError, ValueError):
         table = json.loads(path.read_text())
-        if isinstance(table, dict) and isinstance(table.get(key), (int, float)) and table[key] > 0:
-            return float(table[key])
     if not isinstance(table, dict):
         table = {}
-    table[key] = value = measure()
+    cached = table.get(key)
+    if isinstance(cached, (int, float)) and cached > 0:
+        if cached >= at_least:
+            return float(cached)
+        log.warning("%s: the peak kept for %r (%.3g/s) is below the %.3g/s this run reached, so it was "
+                    "measured on a busy machine; measuring it again", path, key, cached, at_least)
+    table[key] = value = max(measure(), at_least)
     with contextlib.suppress(OSError):  # a read-only base dir only loses the cache
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(table, indent=1, sort_keys=True) + "\n")
     return value
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype, cache_dir: str | os.PathLike | None = None) -> float:
+def peak_flops(device: torch.device, dtype: torch.dtype, cache_dir: str | os.PathLike | None = None,
+               at_least: float = 0.0) -> float:
     """Peak FLOP/s for MFU: the datasheet figure on known GPUs, else measured.
 
     A measured figure varies by 10-30% from run to run on a shared machine, which made two
     stages of one run report different MFU for the same throughput. With `cache_dir` (the
     base dir) the first measurement for this processor, thread count, dtype and torch
     version is kept in `peak_flops.json` there and every later stage divides by the same
-    number; delete the file to measure again."""
+    number; delete the file to measure again. at_least: matmul FLOP/s this run achieved
+    (bench-train passes its best step); a measured peak below it is measured again."""
     if device.type == "cuda":
         known = gpu_peak_flops(torch.cuda.get_device_name(device))
         if known is not None:
             return known
+
+    def measure() -> float:
+        # measured once per machine, so it can afford a longer probe than the 1.2 s default:
+        # a short one on a busy machine read 20% low, and a low peak inflates every MFU after it
+        _MEASURED_PEAK.pop((str(device), dtype), None)  # a re-measurement must not reuse this process's figure
+        return measure_peak_matmul_flops(device, dtype, trials=5, budget_seconds=4.0)
+
     if cache_dir is None:
-        return measure_peak_matmul_flops(device, dtype)
+        return max(measure_peak_matmul_flops(device, dtype), at_least)
     key = f"{device_description(device)} | {str(dtype).removeprefix('torch.')} | torch {torch.__version__}"
-    # measured once per machine, so it can afford a longer probe than the 1.2 s default: a
-    # short one on a busy machine read 20% low, and a low peak would inflate every MFU after it
-    return _cached_peak(cache_dir, PEAK_FLOPS_CACHE, key,
-                        lambda: measure_peak_matmul_flops(device, dtype, trials=5, budget_seconds=4.0))
+    return _cached_peak(cache_dir, PEAK_FLOPS_CACHE, key, measure, at_least)
 
 
 # memory bandwidth (bytes/s) of common accelerators, for memory-bandwidth utilisation

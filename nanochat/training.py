@@ -338,6 +338,7 @@ class StepLogger:
         self.stream = self.stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty() and not os.environ.get("CI")
         self._line_open = False
+        self._warned_peak = False
 
     def step(self, step: int, loss: float, dt: float, lrm: float, is_master: bool = True, **extra: Any) -> dict:
         self.smooth_loss = self.ema_beta * self.smooth_loss + (1 - self.ema_beta) * loss
@@ -349,6 +350,11 @@ class StepLogger:
         eta = self.elapsed / counted * remaining if counted > 0 else None
         tok_s = self.tokens_per_step / dt if dt > 0 else 0.0
         mfu = 100 * self.flops_per_step / dt / self.peak_flops if dt > 0 and self.peak_flops else 0.0
+        if mfu > 100 and not self._warned_peak and step >= self.warmup_steps_excluded:
+            self._warned_peak = True
+            log.warning("MFU %.0f%%: the peak FLOP/s it divides by (%.3g) is too low, probably measured while "
+                        "the machine was busy; delete peak_flops.json in the base dir to measure it again "
+                        "(or run `nanochat bench-train`, which corrects it)", mfu, self.peak_flops)
         record = {"step": step, "loss": loss, "loss_ema": debiased, "lrm": lrm, "dt": dt,
                   "tok_per_sec": tok_s, "mfu": mfu, "time": self.elapsed, **extra}
         if is_master:

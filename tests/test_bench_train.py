@@ -99,3 +99,16 @@ def test_bench_uses_base_trains_learning_rates():
 
     defaults = base_train.Config()
     assert PEAK_LRS == {name: getattr(defaults, name) for name in PEAK_LRS}
+
+
+def test_a_peak_cached_on_a_busy_machine_is_corrected_by_the_run(base_dir, capsys):
+    """A peak_flops.json figure far below what the run reaches (measured while the machine
+    was loaded: 0.046 TFLOP/s on a machine doing 0.13) gave MFU 164%; bench-train measures
+    it again, reports MFU below 100% and rewrites the file."""
+    from nanochat.common import PEAK_FLOPS_CACHE, device_description
+    key = f"{device_description(torch.device('cpu'))} | float32 | torch {torch.__version__}"
+    (base_dir / PEAK_FLOPS_CACHE).write_text(json.dumps({key: 1.0e5}))
+    assert cli.main(["bench-train", *TOY, "--vocab-size", "256", "--dtype", "float32"]) == 0
+    r = _json_line(capsys.readouterr().out)
+    _check_run(r, "float32", 256)  # includes 0 < MFU < 100
+    assert json.loads((base_dir / PEAK_FLOPS_CACHE).read_text())[key] == r["peak_flops"] > 1e8

@@ -2,6 +2,7 @@
 back from the base dir so that every stage of a run divides by the same number."""
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -51,6 +52,44 @@ def test_a_damaged_cache_is_measured_again_and_rewritten(tmp_path, monkeypatch, 
     assert common.peak_flops(torch.device("cpu"), torch.float32, cache_dir=tmp_path) == 3.0e11
     table = json.loads((tmp_path / common.PEAK_FLOPS_CACHE).read_text())
     assert 3.0e11 in table.values()
+
+
+def test_a_cached_peak_below_an_achieved_rate_is_measured_again(tmp_path, monkeypatch):
+    """A peak measured while the machine was busy would put every later MFU above 100%:
+    a rate the run reached (bench-train's best step) is a floor, and a cached figure under
+    it is re-measured and replaced (by the floor if the new probe is still below it)."""
+    from logcapture import capture_log
+    cpu = torch.device("cpu")
+    key = f"{common.device_description(cpu)} | float32 | torch {torch.__version__}"
+    path = tmp_path / common.PEAK_FLOPS_CACHE
+    path.write_text(json.dumps({key: 4.6e10, "other machine | float32 | torch 0": 1.0}))
+    _forbid_measuring(monkeypatch)
+    assert common.peak_flops(cpu, torch.float32, cache_dir=tmp_path, at_least=4.0e10) == 4.6e10  # consistent
+    probes = iter([1.3e11, 0.9e11])
+    monkeypatch.setattr(common, "measure_peak_matmul_flops", lambda device, dtype, **probe: next(probes))
+    with capture_log("nanochat") as log:
+        assert common.peak_flops(cpu, torch.float32, cache_dir=tmp_path, at_least=7.5e10) == 1.3e11
+    assert "measured on a busy machine" in log.text and "4.6e+10" in log.text
+    table = json.loads(path.read_text())
+    assert table == {key: 1.3e11, "other machine | float32 | torch 0": 1.0}
+    assert common.peak_flops(cpu, torch.float32, cache_dir=tmp_path, at_least=1.5e11) == 1.5e11  # probe 0.9e11
+    assert json.loads(path.read_text())[key] == 1.5e11
+
+
+def test_training_log_warns_once_when_mfu_passes_100_percent():
+    from logcapture import capture_log
+    from nanochat.training import StepLogger
+
+    class Sink:
+        def log(self, record):
+            pass
+
+    logger = StepLogger(total_steps=4, tokens_per_step=100, flops_per_step=2e9, peak_flops=1e9, sink=Sink(),
+                        warmup_steps_excluded=1, stream=io.StringIO())
+    with capture_log("nanochat.training") as log:
+        records = [logger.step(i, 1.0, dt=1.0, lrm=1.0) for i in range(4)]
+    assert records[-1]["mfu"] == pytest.approx(200.0)
+    assert len([m for m in log.messages if "MFU 200%" in m and "peak_flops.json" in m]) == 1
 
 
 def test_measuring_the_peak_leaves_the_global_rng_alone():
