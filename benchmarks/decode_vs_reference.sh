@@ -7,7 +7,8 @@
 # Needs a checkpoint (and its tokenizer) under $NANOCHAT_BASE_DIR, ../shared/reference
 # beside the repository, and the project's venv (runs/setup_env.sh). Knobs: PROMPT_LEN
 # (256), DECODE_TOKENS (64), TOP_K (50), TEMPERATURE (1.0), THREADS (2), ROUNDS (3: the
-# two engines run in turn, ROUNDS times each, and the medians are compared).
+# two engines run in turn, ROUNDS times each; the medians are compared, and so is each
+# round's pair).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SOURCE=base
@@ -39,9 +40,13 @@ ours = [json.loads(l) for l in open(f"{out}/ours.jsonl")]
 ref = [json.loads(l) for l in open(f"{out}/reference.jsonl")]
 print(f"decode tok/s, median of {len(ours)} rounds (ours: {ours[0]['model']}, {ours[0]['dtype']}, "
       f"{ours[0]['torch_threads']} threads)")
-print(f"{'batch':>5}  {'ours':>9}  {'reference':>9}  {'ours/ref':>8}")
+# each round runs ours then the reference back to back, so the ratio within a round is less
+# exposed to a shared machine's slow minutes than the ratio of the two medians
+print(f"{'batch':>5}  {'ours':>9}  {'reference':>9}  {'ours/ref':>8}  {'per round: median (min-max)':>28}")
 for i, row in enumerate(ours[0]["batches"]):
     a = statistics.median(r["batches"][i]["tokens_per_s"] for r in ours)
     b = statistics.median(r["batches"][i]["tokens_per_s"] for r in ref)
-    print(f"{row['batch']:>5}  {a:>9.1f}  {b:>9.1f}  {a / b:>7.2f}x")
+    paired = [o["batches"][i]["tokens_per_s"] / r["batches"][i]["tokens_per_s"] for o, r in zip(ours, ref)]
+    spread = f"{statistics.median(paired):.2f}x ({min(paired):.2f}-{max(paired):.2f})"
+    print(f"{row['batch']:>5}  {a:>9.1f}  {b:>9.1f}  {a / b:>7.2f}x  {spread:>28}")
 PYEOF
