@@ -350,7 +350,7 @@ class StepLogger:
         eta = self.elapsed / counted * remaining if counted > 0 else None
         tok_s = self.tokens_per_step / dt if dt > 0 else 0.0
         mfu = 100 * self.flops_per_step / dt / self.peak_flops if dt > 0 and self.peak_flops else 0.0
-        if mfu > 100 and not self._warned_peak and step >= self.warmup_steps_excluded:
+        if is_master and mfu > 100 and not self._warned_peak and step >= self.warmup_steps_excluded:
             self._warned_peak = True
             log.warning("MFU %.0f%%: the peak FLOP/s it divides by (%.3g) is too low, probably measured while "
                         "the machine was busy; delete peak_flops.json in the base dir to measure it again "

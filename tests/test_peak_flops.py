@@ -90,6 +90,12 @@ def test_training_log_warns_once_when_mfu_passes_100_percent():
         records = [logger.step(i, 1.0, dt=1.0, lrm=1.0) for i in range(4)]
     assert records[-1]["mfu"] == pytest.approx(200.0)
     assert len([m for m in log.messages if "MFU 200%" in m and "peak_flops.json" in m]) == 1
+    other_rank = StepLogger(total_steps=4, tokens_per_step=100, flops_per_step=2e9, peak_flops=1e9, sink=Sink(),
+                            warmup_steps_excluded=1, stream=io.StringIO())
+    with capture_log("nanochat.training") as log:
+        for i in range(4):
+            other_rank.step(i, 1.0, dt=1.0, lrm=1.0, is_master=False)
+    assert not log.messages  # one warning per run, from the master rank
 
 
 def test_measuring_the_peak_leaves_the_global_rng_alone():
