@@ -88,17 +88,21 @@ def _fsync_dir(directory: Path) -> None:
 # -----------------------------------------------------------------------------
 # Compute policy
 
-def _cpu_has_native_bf16() -> bool:
-    """True when the CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX)."""
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none: macOS)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return set()
+
+
+def _cpu_has_native_bf16() -> bool:
+    """True when the CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX)."""
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def choose_compute_dtype(device_type: str) -> tuple[torch.dtype, str]:
@@ -412,6 +416,25 @@ def device_description(device: torch.device) -> str:
         import platform
         return f"{model or platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     return device.type
+
+
+def processor_summary(device: torch.device) -> str:
+    """The processor a benchmark ran on, for its report: the model, the thread count and,
+    on CPUs, the kind that decides which dtype is fast (bf16 is ~100x slower than fp32
+    where it is emulated), e.g. "AMD EPYC 7B13, 2 threads; AVX2, no native bf16"."""
+    name = device_description(device)
+    if device.type != "cpu":
+        return name
+    flags = _cpu_flags()
+    if not flags:
+        return name
+    if flags & {"amx_bf16"}:
+        kind = "native bf16 (AMX)"
+    elif flags & {"avx512_bf16"}:
+        kind = "native bf16 (AVX512-BF16)"
+    else:
+        kind = ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2") + ", no native bf16"
+    return f"{name}; {kind}"
 
 
 def _cached_peak(cache_dir: str | os.PathLike | None, filename: str, key: str, measure,

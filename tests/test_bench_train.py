@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nanochat import cli
+from nanochat.common import processor_summary
 from nanochat.gpt import GPT, GPTConfig
 
 TOY = ["--depth", "1", "--aspect-ratio", "32", "--head-dim", "16", "--max-seq-len", "64",
@@ -42,6 +43,7 @@ def _check_run(r: dict, dtype: str, vocab: int) -> None:
     want_mfu = 100 * r["flops_per_token"] * r["tok_per_sec"] / r["peak_flops"]
     assert 0 < r["mfu"] < 100 and r["mfu"] == pytest.approx(want_mfu, rel=1e-6)
     assert r["memory_kind"] == "peak RSS"
+    assert r["processor"] == processor_summary(torch.device("cpu"))  # the CPU and its kind, beside the figures
     assert r["peak_memory_mib"] >= r["baseline_rss_mib"] > 50  # torch alone is more than 50 MiB
     assert r["peak_increase_mib"] == pytest.approx(r["peak_memory_mib"] - r["baseline_rss_mib"])
     assert r["full_logits_fp32_mib"] == pytest.approx(128 * vocab * 4 / 2 ** 20)
@@ -52,7 +54,8 @@ def _check_run(r: dict, dtype: str, vocab: int) -> None:
 def test_bench_train_prints_table_and_consistent_json(capsys):
     assert cli.main(["bench-train", *TOY, "--vocab-size", "512", "--dtype", "float32", "--profile"]) == 0
     out = capsys.readouterr().out
-    for label in ("ms/step", "tokens/s", "FLOPs/token", "MFU", "peak RSS", "above the", "full fp32 logits"):
+    for label in ("ms/step", "tokens/s", "FLOPs/token", "MFU", "peak RSS", "above the", "full fp32 logits",
+                  "processor    " + processor_summary(torch.device("cpu"))):
         assert label in out, label
     assert "Self CPU" in out  # the profiler's table
     r = _json_line(out)

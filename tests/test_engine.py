@@ -233,6 +233,7 @@ def test_rows_end_independently_on_assistant_end_or_bos(tiny_tokenizer):
 def test_bench_infer_smoke(tmp_path, capsys):
     import json
 
+    from nanochat import common
     from nanochat.common import Runtime
     from nanochat.stages import bench_infer
 
@@ -249,6 +250,9 @@ def test_bench_infer_smoke(tmp_path, capsys):
     assert all(r["step_ms"] > 0 and r["tokens_per_s"] > 0 and r["ttft_ms"] > 0 for r in metrics["batches"])
     assert [r["position"] for r in metrics["positions"]] == [16, 200]
     assert metrics["torch_threads"] == 1 and torch.get_num_threads() == threads_before  # restored afterwards
+    assert metrics["processor"].startswith(common.device_description(torch.device("cpu")).replace(
+        f"{threads_before} threads", "1 threads"))  # measured under the benchmark's thread count
+    assert f"  processor: {metrics['processor']}" in lines
     # "S" windows are 128 at sequence_len 512: past them only the "L" layer reads more keys
     model = bench_infer._random_model(config, runtime, "test").model
     assert model.window_sizes == [128, 512]

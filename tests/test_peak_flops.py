@@ -106,3 +106,27 @@ def test_measuring_the_peak_leaves_the_global_rng_alone():
     common._MEASURED_PEAK.pop(("cpu", torch.float32), None)
     common.measure_peak_matmul_flops(torch.device("cpu"), torch.float32, sizes=(64, 128), budget_seconds=0.2)
     assert torch.equal(torch.rand(4), expected)
+
+
+@pytest.mark.parametrize("flags, kind", [
+    ({"sse4_2", "avx", "avx2", "fma"}, "AVX2, no native bf16"),
+    ({"avx2", "avx512f"}, "AVX-512, no native bf16"),
+    ({"avx2", "avx512f", "avx512_bf16"}, "native bf16 (AVX512-BF16)"),
+    ({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, "native bf16 (AMX)"),
+    ({"sse4_2"}, "no AVX2, no native bf16"),
+])
+def test_processor_summary_names_the_cpu_kind_that_decides_the_fast_dtype(monkeypatch, flags, kind):
+    """Benchmarks print it beside every figure: on AVX2-only CPUs bf16 is emulated (fp32
+    is the fast path), on AVX512-BF16/AMX bf16 is; the runtime's dtype choice agrees."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(common, "_cpu_flags", lambda: set(flags))
+    summary = common.processor_summary(cpu)
+    assert summary == f"{common.device_description(cpu)}; {kind}"
+    monkeypatch.delenv("NANOCHAT_DTYPE", raising=False)
+    assert (common.choose_compute_dtype("cpu")[0] == torch.bfloat16) == kind.startswith("native bf16")
+
+
+def test_processor_summary_without_cpu_flags_is_the_processor_alone(monkeypatch):
+    monkeypatch.setattr(common, "_cpu_flags", lambda: set())  # no /proc/cpuinfo (macOS)
+    cpu = torch.device("cpu")
+    assert common.processor_summary(cpu) == common.device_description(cpu)

@@ -269,6 +269,7 @@ def render(metrics: dict) -> str:
              f"  {metrics['params'] / 1e6:.1f}M parameters, depth {metrics['depth']}, width {metrics['n_embd']}, "
              f"windows {metrics['window_sizes']}, {metrics['dtype']} on {metrics['device']} "
              f"({metrics['torch_threads']} threads), weights {'cast once' if metrics['cast_weights'] else 'fp32 masters'}",
+             f"  processor: {metrics['processor']}",
              f"  weights read per decode step: {metrics['weight_bytes'] / mb:.1f} MiB",
              "",
              f"batch decode (prompt {metrics['prompt_len']} tokens, {metrics['decode_tokens']} steps, "
@@ -311,7 +312,7 @@ def _run(config: Config, runtime: Runtime) -> dict:
     if config.prompt_len + config.decode_tokens + 1 > engine.max_positions():
         raise UserError(f"--prompt-len + --decode-tokens exceeds the model's {engine.max_positions()} positions")
     time_generation(engine, _random_prompt(vocab, 32, 1), max(config.batch_sizes), 4)  # warm-up
-    from nanochat.common import peak_bandwidth, peak_flops
+    from nanochat.common import peak_bandwidth, peak_flops, processor_summary
     flops_peak = peak_flops(runtime.device, model.compute_dtype, cache_dir=runtime.base_dir)
     bandwidth_peak = peak_bandwidth(runtime.device, cache_dir=runtime.base_dir)
     device_name = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else "cpu"
@@ -319,6 +320,7 @@ def _run(config: Config, runtime: Runtime) -> dict:
         "model": subject.description, **subject.info, "depth": model.config.n_layer, "n_embd": model.config.n_embd,
         "params": sum(p.numel() for p in model.parameters()), "window_sizes": sorted(set(model.window_sizes)),
         "dtype": str(runtime.dtype).removeprefix("torch."), "device": device_name, "cast_weights": config.cast_weights,
+        "processor": processor_summary(runtime.device),
         "torch_threads": torch.get_num_threads(), "weight_bytes": weight_bytes(model),
         "prompt_len": config.prompt_len, "decode_tokens": config.decode_tokens, "repeats": config.repeats,
         "temperature": config.temperature, "top_k": config.top_k,

@@ -35,7 +35,7 @@ from typing import Literal
 
 import torch
 
-from nanochat.common import Runtime, peak_flops
+from nanochat.common import Runtime, peak_flops, processor_summary
 from nanochat.config import check, option
 from nanochat.errors import UserError
 from nanochat.training import MUON_EQ_HELP, MUON_PLUS_HELP
@@ -258,7 +258,7 @@ def bench(config: Config, runtime: Runtime) -> dict:
         "full_logits_fp32_mib": tokens_per_step * c.vocab_size * 4 / _MIB,
         "first_loss": losses[0], "last_loss": losses[-1],
         "step_ms": [round(t * 1000, 2) for t in times],
-        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "processor": processor_summary(device), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     if use_compile:
@@ -292,6 +292,7 @@ def format_run(r: dict) -> str:
         f"({r['data']} tokens)",
         f"compute      {r['dtype']} on {r['device']}, compile {'on' if r['compile'] else 'off'}"
         f"{', fp8' if r['fp8'] else ''}; {r['threads']} threads, load average {r['load_avg_1m']}",
+        f"processor    {r['processor']}",
         f"ms/step      {r['ms_per_step_median']:,.1f} median over {r['steps']} steps "
         f"(mean {r['ms_per_step_mean']:,.1f}, min {r['ms_per_step_min']:,.1f}, max {r['ms_per_step_max']:,.1f}); "
         f"first step {r['first_step_ms']:,.0f}",
