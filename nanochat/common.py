@@ -428,9 +428,9 @@ def processor_summary(device: torch.device) -> str:
     flags = _cpu_flags()
     if not flags:
         return name
-    if flags & {"amx_bf16"}:
+    if "amx_bf16" in flags:
         kind = "native bf16 (AMX)"
-    elif flags & {"avx512_bf16"}:
+    elif "avx512_bf16" in flags:
         kind = "native bf16 (AVX512-BF16)"
     else:
         kind = ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2") + ", no native bf16"

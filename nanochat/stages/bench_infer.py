@@ -220,7 +220,7 @@ def bench_batches(engine, config: Config, vocab: int, peak_flops: float, peak_ba
             steps.extend(step_times)
         step_s = statistics.median(steps)
         mid_position = config.prompt_len + config.decode_tokens // 2
-        shared = config.prompt_len if batch > 1 and getattr(model, "shares_prompt_cache", lambda: False)() else 0
+        shared = config.prompt_len if batch > 1 and model.shares_prompt_cache() else 0
         read = weight_bytes(model) + kv_bytes_read(model, batch, mid_position, shared)
         flops = batch * decode_flops(model, mid_position)
         rows.append({
