@@ -177,13 +177,23 @@ class KVCache:
     step's attention is bound by reading the cache, so this divides its cost by about the
     batch size while the prompt dominates). Positions count from the start of the prompt
     (`get_pos()` includes it); seq_len counts this cache's own positions only.
+
+    static: a decode step (one token per row) keeps every shape fixed, so that a compiled
+    step is one graph for the whole generation (and for every later one with the same
+    batch and capacity): the new keys are written at the tensor `position` (index_copy_)
+    and attention reads all seq_len positions, masking those not yet written (and those
+    outside a sliding window), instead of slicing the cache to a Python-int length, which
+    would change the shapes at every step. Layout "bhtd", SDPA, no prefix. Prefills (more
+    than one token) take the ordinary path.
     """
 
     def __init__(self, batch_size: int, num_heads: int, seq_len: int, head_dim: int, num_layers: int,
                  device: torch.device | str, dtype: torch.dtype, layout: str = "bthd",
-                 prefix: KVCache | None = None):
+                 prefix: KVCache | None = None, static: bool = False):
         if layout not in LAYOUTS:
             raise ValueError(f"KV cache layout {layout!r} is not one of {LAYOUTS}")
+        if static and (layout != "bhtd" or prefix is not None):
+            raise ValueError("a static KV cache has layout 'bhtd' and no shared prefix")
         self.batch_size = batch_size
         self.n_layers = num_layers
         self.n_heads = num_heads
@@ -199,6 +209,10 @@ class KVCache:
         self.prefix_len = 0
         self.pos = 0  # = cache_seqlens[0], kept as a Python int: reading the tensor costs a sync per layer
         self.prev_embedding: Tensor | None = None
+        self.static = static
+        if static:
+            self.position = torch.zeros(1, dtype=torch.long, device=device)  # = pos, as a tensor a graph can read
+            self.key_positions = torch.arange(seq_len, device=device).unsqueeze(0)  # (1, seq_len): SDPA's (Tq, Tk)
         if prefix is not None:
             self._attach(prefix)
 
@@ -240,6 +254,8 @@ class KVCache:
     def reset(self) -> None:
         """Empty the cache (a shared prefix is let go)."""
         self.cache_seqlens.zero_()
+        if self.static:
+            self.position.zero_()
         self.pos = self.prefix_len = 0
         self.prefix = None
         self.prev_embedding = None
@@ -255,6 +271,11 @@ class KVCache:
     def store(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Write k, v (B, T, Hkv, D) at the current position of `layer`."""
         t = k.size(1)
+        if self.static and t == 1:  # at the tensor position: no Python int in a compiled step
+            k_layer, v_layer = self._layers[layer]
+            k_layer.index_copy_(2, self.position, k.transpose(1, 2))
+            v_layer.index_copy_(2, self.position, v.transpose(1, 2))
+            return
         if self.pos + t > self.max_seq_len:
             raise ValueError(f"the KV cache holds {self.max_seq_len} positions; {self.pos} are used and {t} more "
                              "do not fit; build a longer cache")
@@ -276,8 +297,18 @@ class KVCache:
             return k_layer[:, :own].transpose(1, 2), v_layer[:, :own].transpose(1, 2)
         return k_layer[:, :, :own], v_layer[:, :, :own]
 
+    def decode_mask(self, window: int) -> Tensor:
+        """(1, seq_len) bool for a static cache's decode step: the positions written so
+        far, the current one included, and within `window` of it (< 0: all)."""
+        seen = self.key_positions <= self.position
+        if window >= 0:
+            seen &= self.key_positions >= self.position - window
+        return seen
+
     def advance(self, num_tokens: int) -> None:
         self.cache_seqlens += num_tokens
+        if self.static:
+            self.position += num_tokens
         self.pos += num_tokens
 
     def prefill(self, other: KVCache) -> None:
@@ -297,6 +328,8 @@ class KVCache:
             dst = mine.narrow(self._time_dim, 0, pos)
             dst.copy_(theirs.narrow(self._time_dim, 0, pos).expand_as(dst))
         self.cache_seqlens.fill_(pos)
+        if self.static:
+            self.position.fill_(pos)
         self.pos = pos
         if other.prev_embedding is not None:
             self.prev_embedding = other.prev_embedding.expand(self.batch_size, -1, -1).clone()
@@ -383,6 +416,18 @@ def attend(q: Tensor, k: Tensor, v: Tensor, window: int, kv_cache: KVCache | Non
     if kv_cache is not None and kv_cache.dtype != q.dtype:
         raise ValueError(f"the KV cache holds {kv_cache.dtype} but attention runs in {q.dtype}; "
                          "build the cache with dtype=model.compute_dtype (GPT.make_kv_cache does)")
+    if kv_cache is not None and kv_cache.static and q.size(1) == 1:
+        # a fixed-shape decode step (see KVCache): every position, the unwritten masked
+        kv_cache.store(layer, k, v)
+        keys, values = kv_cache.get_layer_cache(layer)  # (B, Hkv, seq_len, D)
+        key = ("static", window)
+        mask = None if masks is None else masks.get(key)
+        if mask is None:
+            mask = kv_cache.decode_mask(window)
+            if masks is not None:
+                masks[key] = mask
+        return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                              enable_gqa=q.size(2) != keys.size(1)).transpose(1, 2)
     if _use_fa3(q):
         fa3 = _load_fa3()[0]
         if kv_cache is None:

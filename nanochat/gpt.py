@@ -493,20 +493,45 @@ class GPT(nn.Module):
     def hidden_states(self, idx: Tensor, kv_cache: KVCache | None = None) -> Tensor:
         """Final normalized hidden states (B, T, n_embd) in the compute dtype; advances
         kv_cache by T when given."""
-        B, T = idx.shape
+        x = self._trunk(idx, self._rotary(idx, kv_cache), kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(idx.size(1))
+        return x
+
+    def decode_logits(self, idx: Tensor, kv_cache: KVCache, step=None) -> Tensor:
+        """fp32 logits (B, vocab_size) of the last of the tokens idx (B, T) that follow
+        kv_cache's positions; advances the cache. step: a compiled `decode_graph` (see
+        Engine(compile=True)); None runs it eagerly. Everything that depends on the
+        cache's Python-int position happens here, outside the graph."""
+        rotary = self._rotary(idx, kv_cache)
+        logits = (step or self.decode_graph)(idx, rotary, kv_cache)
+        kv_cache.advance(idx.size(1))
+        return logits
+
+    def decode_graph(self, idx: Tensor, rotary: tuple[Tensor, Tensor], kv_cache: KVCache) -> Tensor:
+        """The part of a decode step that torch.compile captures: with a static cache its
+        shapes are the same at every step."""
+        return self.logits(self._trunk(idx, rotary, kv_cache)[:, -1])
+
+    def _rotary(self, idx: Tensor, kv_cache: KVCache | None) -> tuple[Tensor, Tensor]:
+        """cos, sin (1, T, 1, hd/2) of the positions idx (B, T) takes after the cache's."""
+        T = idx.size(1)
         pos = 0 if kv_cache is None else kv_cache.get_pos()
         if pos + T > self.cos.size(1):
             raise ValueError(f"position {pos + T} is beyond the rotary tables ({self.cos.size(1)} = "
                              f"{ROPE_LENGTH_FACTOR} x sequence_len); use shorter inputs")
         if idx.device != self.cos.device:
             raise ValueError(f"input is on {idx.device} but the model is on {self.cos.device}")
-        rotary = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]  # (1, T, 1, hd/2)
+        return self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
 
+    def _trunk(self, idx: Tensor, rotary: tuple[Tensor, Tensor], kv_cache: KVCache | None) -> Tensor:
+        """Embeddings -> blocks -> final norm, for idx (B, T) at the rotary's positions;
+        leaves advancing the cache to the caller."""
         x = norm(self.transformer.wte(idx).to(self.compute_dtype))  # (B, T, C)
         if kv_cache is None:
             x = self._smear(x, None)
         else:
-            prev, kv_cache.prev_embedding = kv_cache.prev_embedding, x[:, -1:].clone()
+            prev, kv_cache.prev_embedding = kv_cache.prev_embedding, x[:, -1:].clone(memory_format=torch.contiguous_format)
             x = self._smear(x, prev)
         x0 = x
         masks: dict = {}  # attention masks shared by the layers of this pass
@@ -518,10 +543,7 @@ class GPT(nn.Module):
             x = block(x, ve, rotary, self.window_sizes[i], kv_cache, masks)
             if i == backout_layer:
                 x_mid = x
-        x = norm(x - self.backout_lambda.to(x.dtype) * x_mid)
-        if kv_cache is not None:
-            kv_cache.advance(T)
-        return x
+        return norm(x - self.backout_lambda.to(x.dtype) * x_mid)
 
     def logits(self, x: Tensor) -> Tensor:
         """Hidden states (..., C) -> softcapped fp32 logits (..., vocab_size)."""
@@ -555,22 +577,26 @@ class GPT(nn.Module):
         in low precision the shared path would round the attention scores)."""
         return self.compute_dtype == torch.float32 and not select_backend(self.get_device(), self.compute_dtype)[0]
 
-    def make_kv_cache(self, batch_size: int, seq_len: int, prefix: KVCache | None = None) -> KVCache:
+    def make_kv_cache(self, batch_size: int, seq_len: int, prefix: KVCache | None = None,
+                      static: bool = False) -> KVCache:
         """An empty KV cache for this model (its heads, dims, device, compute dtype, and
         the layout of the attention kernel that will read it) for seq_len positions.
 
         prefix: a filled batch-1 cache (the prompt) that every row continues: shared by
         the rows where `shares_prompt_cache()` (they read one copy of the prompt's keys,
         see KVCache), else copied into every row. Either way the cache starts at the
-        prompt's position and holds seq_len in all."""
+        prompt's position and holds seq_len in all.
+
+        static: fixed shapes for a compiled decode step (see KVCache): SDPA's layout, and
+        the prompt copied into every row."""
         c = self.config
         device, dtype = self.get_device(), self.compute_dtype
-        layout = "bthd" if select_backend(device, dtype)[0] else "bhtd"
+        layout = "bthd" if select_backend(device, dtype)[0] and not static else "bhtd"
         shape = dict(num_heads=c.n_kv_head, head_dim=c.head_dim, num_layers=c.n_layer, device=device, dtype=dtype,
                      layout=layout)
-        if prefix is not None and batch_size > 1 and self.shares_prompt_cache():
+        if prefix is not None and batch_size > 1 and self.shares_prompt_cache() and not static:
             return KVCache(batch_size=batch_size, seq_len=max(seq_len - prefix.get_pos(), 0), prefix=prefix, **shape)
-        cache = KVCache(batch_size=batch_size, seq_len=seq_len, **shape)
+        cache = KVCache(batch_size=batch_size, seq_len=seq_len, static=static, **shape)
         if prefix is not None:
             cache.prefill(prefix)
         return cache

@@ -42,6 +42,18 @@ def test_one_prompt_through_the_cli(tiny_base_checkpoint, capsys, monkeypatch):
 
 
 @pytest.mark.slow
+def test_compiled_decoding_through_the_cli_gives_the_same_reply(tiny_base_checkpoint, capsys, monkeypatch):
+    monkeypatch.delenv("NANOCHAT_DTYPE", raising=False)
+    code = cli.main(["chat", "-p", "What is a cell?", "-t", "0", "--max-tokens", "12", "--device-type", "cpu",
+                     "--base-dir", str(tiny_base_checkpoint), "--compile"])
+    assert code == 0
+    captured = capsys.readouterr()
+    expected = _expected_reply(tiny_base_checkpoint, "What is a cell?", 12)
+    assert captured.out == expected + ("" if expected.endswith("\n") else "\n")
+    assert "compiling the decode step" in captured.err and "failed" not in captured.err
+
+
+@pytest.mark.slow
 def test_interactive_session_through_a_pipe(tiny_base_checkpoint):
     script = "Hello there\n/clear\nWhat is energy?\n\n/help\nAnd heat?\n/quit\nthis line is never read\n"
     env = {k: v for k, v in os.environ.items() if k != "NANOCHAT_DTYPE"}

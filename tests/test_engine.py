@@ -56,6 +56,94 @@ def test_cached_greedy_decode_equals_uncached_forward(gpt):
     assert [c[0] for c, _ in engine.generate(PROMPT, max_tokens=12, temperature=0.0)] == reference
 
 
+def test_static_cache_decodes_like_the_growing_cache(gpt):
+    # the fixed-shape decode step (what compiled decoding runs) against the sliced one:
+    # the same logits up to rounding, past the 128-token window of the "S" layers, in a
+    # cache longer than the model's sequence_len, after a batch-1 prefill and spread
+    # over rows (prefill copies the prompt; a static cache shares no prefix)
+    prompt = torch.randint(0, 300, (1, 140), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        growing, static = gpt.make_kv_cache(1, 200), gpt.make_kv_cache(1, 1024, static=True)
+        assert static.static and static.layout == "bhtd" and static.max_seq_len == 1024
+        a, b = gpt.decode_logits(prompt, growing), gpt.decode_logits(prompt, static)
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+        for _ in range(40):
+            ids = a.argmax(-1, keepdim=True)
+            a, b = gpt.decode_logits(ids, growing), gpt.decode_logits(ids, static)
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+        assert static.get_pos() == growing.get_pos() == 180 and static.position.tolist() == [180]
+        # positions past the current one are masked, not read: garbage there changes nothing
+        static.k_cache[:, :, :, 181:] = 1e4
+        ids = a.argmax(-1, keepdim=True)
+        torch.testing.assert_close(gpt.decode_logits(ids, static), gpt.decode_logits(ids, growing), rtol=0, atol=1e-5)
+        rows = gpt.make_kv_cache(3, 512, prefix=static, static=True)
+        assert rows.prefix is None and rows.position.tolist() == [rows.get_pos()] == [181]
+        shared = gpt.make_kv_cache(3, 512, prefix=growing)
+        ids = torch.tensor([[5], [6], [7]])
+        torch.testing.assert_close(gpt.decode_logits(ids, rows), gpt.decode_logits(ids, shared), rtol=0, atol=1e-5)
+        rows.reset()
+        assert rows.get_pos() == 0 and rows.position.tolist() == [0]
+    with pytest.raises(ValueError, match="static"):
+        KVCache(1, 2, 8, 16, 1, "cpu", torch.float32, layout="bthd", static=True)
+
+
+def _graphs() -> int:
+    import torch._dynamo.utils
+
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.slow
+def test_compiled_decoding_matches_eager_in_one_graph_for_every_turn(gpt):
+    # Engine(compile=True): torch.compile of the decode step (inductor, C++ wrapper,
+    # frozen weights), compiled at the first step; the same tokens as eager decoding
+    compiled, eager = Engine(gpt, None, compile=True), Engine(gpt, None)
+    prompt = torch.randint(0, 300, (140,), generator=torch.Generator().manual_seed(1)).tolist()
+    before = _graphs()
+    got = [c[0] for c, _ in compiled.generate(prompt, max_tokens=24, temperature=0.0)]
+    assert got == [c[0] for c, _ in eager.generate(prompt, max_tokens=24, temperature=0.0)]
+    assert _graphs() == before + 1 and compiled._step is not None and not compiled._compile_failed
+    # later turns of other lengths, greedy or sampled, reuse that graph: the cache is
+    # sized in whole multiples of sequence_len (512 here) and every step has one shape
+    for tokens, kwargs in ((PROMPT, dict(max_tokens=40, temperature=0.0)),
+                           (prompt[:60], dict(max_tokens=30, temperature=1.0, top_k=20, seed=3))):
+        assert list(compiled.generate(tokens, **kwargs)) == list(eager.generate(tokens, **kwargs))
+    assert _graphs() == before + 1
+    # several samples stay eager (their rows share the prompt's cache)
+    assert (compiled.generate_batch(prompt, num_samples=3, max_tokens=8, temperature=1.0, seed=5)
+            == eager.generate_batch(prompt, num_samples=3, max_tokens=8, temperature=1.0, seed=5))
+    assert _graphs() == before + 1
+
+
+def test_a_failed_compile_falls_back_to_eager_decoding(gpt, monkeypatch):
+    # torch.compile stands in for a compiler that cannot build the graph (no C++
+    # toolchain, say): the reply loses speed, not tokens, and the warning says so once
+    from logcapture import capture_log
+
+    calls = []
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            calls.append(kwargs)
+            raise RuntimeError("C++ compile error\nno compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    engine = Engine(gpt, None, compile=True)
+    with capture_log("nanochat.engine") as log:
+        for _ in range(2):
+            got = [c[0] for c, _ in engine.generate(PROMPT, max_tokens=12, temperature=0.0)]
+            assert got == list(gpt.generate(PROMPT, max_tokens=12, temperature=0.0))
+    assert len(calls) == 1 and calls[0]["dynamic"] is False  # tried once, then eager for good
+    assert log.text.count("compiling the decode step failed (RuntimeError: C++ compile error); decoding eagerly") == 1
+    # a request's own error is not taken for the compiler's
+    with pytest.raises(ValueError, match="rotary"):
+        with torch.inference_mode():
+            cache = gpt.make_kv_cache(1, 8, static=True)
+            cache.pos = gpt.cos.size(1)
+            Engine(gpt, None, compile=True)._last_logits(torch.tensor([[1]]), cache)
+
+
 def test_kv_cache_sized_and_typed_for_the_generation():
     model = _random_gpt(torch.bfloat16)
     made: list[KVCache] = []
@@ -229,6 +317,24 @@ def test_rows_end_independently_on_assistant_end_or_bos(tiny_tokenizer):
 
 # -----------------------------------------------------------------------------
 # The inference benchmark (smoke test at toy size; real numbers come from the CLI)
+
+@pytest.mark.slow
+def test_bench_infer_compiled_through_the_cli(tmp_path, capsys):
+    import json
+
+    from nanochat import cli
+
+    code = cli.main(["bench-infer", "--random-init", "-d", "1", "--sequence-len", "256", "--vocab-size", "256",
+                     "--batch-sizes", "1", "2", "--prompt-len", "16", "--decode-tokens", "4", "--positions", "16",
+                     "--repeats", "1", "--threads", "1", "--top-k", "5", "--compile", "--device-type", "cpu",
+                     "--base-dir", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    metrics = json.loads(out.strip().splitlines()[-1])
+    assert metrics["compile"] is True and metrics["top_k"] == 5
+    assert [r["batch"] for r in metrics["batches"]] == [1, 2] and all(r["tokens_per_s"] > 0 for r in metrics["batches"])
+    assert "batch 1 compiled" in out
+
 
 def test_bench_infer_smoke(tmp_path, capsys):
     import json

@@ -38,6 +38,8 @@ class Config:
     top_k: int | None = option(50, "sample among the k most likely tokens", short="-k")
     max_tokens: int = option(256, "most tokens per reply")
     seed: int = option(42, "sampling seed (turn i uses seed + i, so a session is reproducible)")
+    compile: bool = option(False, "decode through one torch.compile graph (faster tokens after ~40 s of compiling "
+                                  "at the first reply on a small CPU; see nanochat/engine.py)")
 
     def validate(self) -> None:
         problems = []
@@ -230,7 +232,7 @@ def run(config: Config, runtime: Runtime, stdin: TextIO | None = None, out: Text
     if source == "base":
         log.warning("chatting with a base model: it was never trained on conversations, expect rambling")
     log.info("chatting with the %s model, step %s", source, meta.get("step"))
-    session = ChatSession(Engine(model, tokenizer), tokenizer, config,
+    session = ChatSession(Engine(model, tokenizer, compile=config.compile), tokenizer, config,
                           context_len=model.config.sequence_len, out=out)
     if config.prompt is not None:
         session.reply(config.prompt)
