@@ -213,6 +213,15 @@ class Engine:
             self._step = step
         return self._step
 
+    def precompile(self) -> None:
+        """Compile the decode step now (a two-step generation, whose cache has the
+        capacity of any turn up to sequence_len) rather than at the first request; a
+        no-op without compile."""
+        if self.compile:
+            bos = self.specials.bos if self.specials.bos is not None else 0
+            for _ in self.generate([bos], max_tokens=2, temperature=0.0):
+                pass
+
     def _decode_logits(self, ids: Tensor, kv_cache) -> Tensor:
         """One decode step on a static cache: compiled, or eager once compiling failed.
         A failed compile has written nothing that the eager step does not write again

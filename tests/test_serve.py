@@ -428,3 +428,40 @@ def test_cli_serve_and_sigterm_shutdown(tiny_base_checkpoint):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+def test_cli_serve_compiled_answers_like_the_engine(tiny_base_checkpoint, tiny):
+    # --compile: the decode step is compiled while the server starts (the port opens
+    # after it), and replies are the eager engine's
+    port = _free_port()
+    env = {**os.environ, "NANOCHAT_API_KEY": "", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nanochat", "serve", "-i", "base", "--port", str(port), "--device-type", "cpu",
+         "--base-dir", str(tiny_base_checkpoint), "--compile", "--no-access-log"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                if request(url + "/health", timeout=1).status == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        for max_tokens in (12, 20):
+            r = post(url + "/chat/completions", {"messages": [USER], "temperature": 0.0, "max_tokens": max_tokens})
+            assert r.status == 200
+            *pieces, done = sse_events(r.body)
+            assert "".join(e["token"] for e in pieces) == greedy_reference(tiny, [USER], max_tokens)[0]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        out = proc.stdout.read()
+        assert "compiling the decode step" in out and "decoding eagerly" not in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

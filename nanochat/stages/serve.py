@@ -62,6 +62,8 @@ class Config:
                                      factory=list)
     model_name: str | None = option(None, "model id reported by the API; automatic = nanochat-<source>[-<tag>]")
     access_log: bool = option(True, "log one line per HTTP request")
+    compile: bool = option(False, "decode single replies through one torch.compile graph, compiled at startup "
+                                  "(~40 s on a small CPU; see nanochat/engine.py)")
 
     def validate(self) -> None:
         p = []
@@ -138,7 +140,9 @@ def make_loader(config: Config, source: str, runtime: Runtime, devices: list[tor
             model, tokenizer, meta = load_model(source, runtime.base_dir, device, runtime.dtype,
                                                 tag=config.tag, step=config.step)
             model.eval()
-            replicas.append(Replica(index=index, engine=Engine(model, tokenizer), tokenizer=tokenizer,
+            engine = Engine(model, tokenizer, compile=config.compile)
+            engine.precompile()  # before the port opens: the first request does not wait for the compiler
+            replicas.append(Replica(index=index, engine=engine, tokenizer=tokenizer,
                                     device=device, context_len=context_length(model, meta)))
             log.info("replica %d: %s step %s on %s", index, source, meta.get("step", "?"), device)
         return replicas
