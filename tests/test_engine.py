@@ -336,6 +336,24 @@ def test_bench_infer_compiled_through_the_cli(tmp_path, capsys):
     assert "batch 1 compiled" in out
 
 
+@pytest.mark.slow
+def test_decode_compiled_benchmark_checks_and_times_both_engines():
+    """benchmarks/decode_compiled.py (README's compiled-vs-eager figures) checks the two
+    greedy continuations equal before timing, and pairs the rounds."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_compiled.py"
+    out = subprocess.run([sys.executable, str(script), "--depth", "1", "--vocab-size", "512", "--sequence-len", "128",
+                          "--prompt-len", "20", "--decode-tokens", "4", "--rounds", "2", "--threads", "1"],
+                         capture_output=True, text=True, timeout=600, check=True).stdout
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["n_embd"] == 64 and len(summary["ratios"]) == 2 and summary["compile_s"] > 0
+    assert summary["eager_ms"] > 0 and summary["compiled_ms"] > 0
+
+
 def test_bench_infer_smoke(tmp_path, capsys):
     import json
 
