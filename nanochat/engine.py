@@ -26,8 +26,8 @@ How one `generate` call runs:
    batch stays rectangular) but what they yield afterwards means nothing; the stream
    stops when every row ended or after `max_tokens` steps.
 
-Compiled decoding (`Engine(compile=True)`, `--compile` on the chat and bench-infer
-commands): a single sample's decode steps run as one torch.compile graph. Its cache is
+Compiled decoding (`Engine(compile=True)`, `--compile` on chat, serve, chat-eval and
+bench-infer): a single sample's decode steps run as one torch.compile graph. Its cache is
 static (see attention.KVCache: fixed shapes, the new keys written at a tensor position,
 unwritten positions masked) and sized in whole multiples of the model's sequence_len, so
 one graph serves every step of every turn; on a CPU the graph is compiled with the model's

@@ -345,6 +345,14 @@ def test_sft_cli_then_chat_eval_then_resume(sft_base, shared_data, mirror, tmp_p
     report = {s["title"]: s["data"] for s in read_sections(base)}["Chat evaluation sft"]
     assert report["results"]["GSM8K"]["total"] == 1 and len(report["results"]) == 6
     assert report["chatcore"] is not None
+    # compiled decoding (one sample per problem) grades the same as eager
+    eager = {k: report["results"]["GSM8K"][k] for k in ("passed", "total")}
+    with capture_log("nanochat.engine") as engine_log:
+        assert cli.main(["chat-eval", "-i", "sft", "-a", "GSM8K", "-x", "1", "-m", "8", "--compile",
+                         "--device-type", "cpu", "--base-dir", str(base)]) == 0
+    report = {s["title"]: s["data"] for s in read_sections(base)}["Chat evaluation sft"]
+    assert {k: report["results"]["GSM8K"][k] for k in ("passed", "total")} == eager
+    assert "compiling the decode step" in engine_log.text and "decoding eagerly" not in engine_log.text
 
     # resume from step 2: the same steps 2, 3 and bit-identical weights at step 4
     final = torch.load(ckpt / "model_000004.pt", weights_only=True)

@@ -43,6 +43,8 @@ class Config:
     step: int | None = option(None, "checkpoint step to load [automatic: the last]", short="-s")
     max_problems: int | None = option(None, "evaluate at most this many problems per task [automatic: all]", short="-x")
     seed: int = option(42, "seed of the samplers (problem i uses seed + i)")
+    compile: bool = option(False, "generative tasks with one sample per problem decode through a torch.compile "
+                                  "graph (one per cache capacity, ~40 s each on a small CPU; see nanochat/engine.py)")
 
     def validate(self) -> None:
         p = []
@@ -103,7 +105,7 @@ def run(config: Config, runtime: Runtime) -> dict:
     model, tokenizer, meta = load_model(config.source, runtime.base_dir, runtime.device, runtime.dtype,
                                         tag=tag, step=step)
     model.eval()
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, compile=config.compile)
     model_id = {"source": config.source, "tag": meta.get("model_tag", config.model_tag), "step": meta.get("step")}
     log.info("evaluating %s model (step %s) on %s", config.source, meta.get("step"), ", ".join(tasks))
 
