@@ -85,6 +85,13 @@ def test_static_cache_decodes_like_the_growing_cache(gpt):
         assert rows.get_pos() == 0 and rows.position.tolist() == [0]
     with pytest.raises(ValueError, match="static"):
         KVCache(1, 2, 8, 16, 1, "cpu", torch.float32, layout="bthd", static=True)
+    # a full static cache refuses the next token before anything is written past its end
+    with torch.inference_mode():
+        full = gpt.make_kv_cache(1, 10, static=True)
+        gpt.decode_logits(prompt[:, :10], full)
+        with pytest.raises(ValueError, match="holds 10 positions; 10 are used"):
+            gpt.decode_logits(prompt[:, 10:11], full)
+        assert full.get_pos() == 10 and full.position.tolist() == [10]
 
 
 def _graphs() -> int:
