@@ -428,7 +428,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, window: int, kv_cache: KVCache | Non
                 masks[key] = mask
         return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
                                               enable_gqa=q.size(2) != keys.size(1)).transpose(1, 2)
-    if _use_fa3(q):
+    if _use_fa3(q) and not (kv_cache is not None and kv_cache.static):  # a static cache's prefill: SDPA too
         fa3 = _load_fa3()[0]
         if kv_cache is None:
             return fa3.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))

@@ -94,6 +94,31 @@ def test_static_cache_decodes_like_the_growing_cache(gpt):
         assert full.get_pos() == 10 and full.position.tolist() == [10]
 
 
+def test_static_cache_runs_on_sdpa_where_fa3_is_the_backend(gpt, monkeypatch):
+    # on a Hopper GPU FA3 serves the model, but a static cache (masked, fixed-shape
+    # attention for compiled decoding) is SDPA's from the prefill on
+    from nanochat import attention, gpt as gpt_module
+
+    prompt = torch.tensor([PROMPT])
+    with torch.inference_mode():
+        cache = gpt.make_kv_cache(1, 64, static=True)
+        expected = [gpt.decode_logits(prompt, cache), gpt.decode_logits(torch.tensor([[9]]), cache)]
+
+    def no_fa3(*args, **kwargs):
+        raise AssertionError("FA3 called for a static cache")
+
+    monkeypatch.setattr(gpt_module, "select_backend", lambda device, dtype: (True, "fa3 (pretend)"))
+    monkeypatch.setattr(attention, "_use_fa3", lambda q: True)
+    monkeypatch.setattr(attention, "_load_fa3", lambda: (no_fa3, "pretend"))
+    assert gpt.make_kv_cache(1, 64).layout == "bthd"  # what FA3 would read
+    with torch.inference_mode():
+        cache = gpt.make_kv_cache(1, 64, static=True)
+        assert cache.layout == "bhtd"
+        got = [gpt.decode_logits(prompt, cache), gpt.decode_logits(torch.tensor([[9]]), cache)]
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
 def _graphs() -> int:
     import torch._dynamo.utils
 
