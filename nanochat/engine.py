@@ -158,6 +158,7 @@ class Engine:
             log.warning("this model has no decode_graph to compile; decoding eagerly")
         self._step = None  # the compiled decode step, made on first use
         self._compile_failed = False
+        self._capacities: set[int] = set()  # static cache sizes seen: each is one compiled graph
 
     # --- sizing ----------------------------------------------------------------
 
@@ -271,7 +272,12 @@ class Engine:
         # 1) prefill once at batch 1, then spread the cache over the rows
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         if num_samples == 1 and self.compile:  # a static cache: every decode step one compiled graph
-            cache = self.model.make_kv_cache(batch_size=1, seq_len=self._static_capacity(total), static=True)
+            capacity = self._static_capacity(total)
+            if self._capacities and capacity not in self._capacities and not self._compile_failed:
+                log.info("a %d-position cache (prompt + max_tokens = %d): compiling one more decode graph",
+                         capacity, total + 1)
+            self._capacities.add(capacity)
+            cache = self.model.make_kv_cache(batch_size=1, seq_len=capacity, static=True)
             logits = self._last_logits(ids, cache)  # (1, V); the prefill itself runs eagerly
         elif num_samples == 1:
             cache = self.model.make_kv_cache(batch_size=1, seq_len=total)

@@ -141,10 +141,17 @@ def test_compiled_decoding_matches_eager_in_one_graph_for_every_turn(gpt):
                            (prompt[:60], dict(max_tokens=30, temperature=1.0, top_k=20, seed=3))):
         assert list(compiled.generate(tokens, **kwargs)) == list(eager.generate(tokens, **kwargs))
     assert _graphs() == before + 1
+    # a turn longer than sequence_len needs a bigger cache: one more graph, and it says so
+    from logcapture import capture_log
+
+    with capture_log("nanochat.engine") as log:
+        assert list(compiled.generate(prompt, max_tokens=400, temperature=0.0)) == \
+            list(eager.generate(prompt, max_tokens=400, temperature=0.0))
+    assert _graphs() == before + 2 and "a 1024-position cache" in log.text
     # several samples stay eager (their rows share the prompt's cache)
     assert (compiled.generate_batch(prompt, num_samples=3, max_tokens=8, temperature=1.0, seed=5)
             == eager.generate_batch(prompt, num_samples=3, max_tokens=8, temperature=1.0, seed=5))
-    assert _graphs() == before + 1
+    assert _graphs() == before + 2
 
 
 def test_a_failed_compile_falls_back_to_eager_decoding(gpt, monkeypatch):
