@@ -180,11 +180,14 @@ class KVCache:
 
     static: a decode step (one token per row) keeps every shape fixed, so that a compiled
     step is one graph for the whole generation (and for every later one with the same
-    batch and capacity): the new keys are written at the tensor `position` (index_copy_)
-    and attention reads all seq_len positions, masking those not yet written (and those
-    outside a sliding window), instead of slicing the cache to a Python-int length, which
-    would change the shapes at every step. Layout "bhtd", SDPA, no prefix. Prefills (more
-    than one token) take the ordinary path.
+    batch and capacity): the new keys are written at the tensor `own_position` (this
+    cache's own index; `position` is the absolute one) with index_copy_, and attention
+    reads all seq_len positions, masking those not yet written (and those outside a
+    sliding window), instead of slicing the cache to a Python-int length, which would
+    change the shapes at every step. Layout "bhtd", SDPA. A static cache's prefix is a
+    static batch-1 cache too: its unwritten tail is masked the same way, so prompts of
+    any length up to its capacity share one graph. Prefills (more than one token) take
+    the ordinary path.
     """
 
     def __init__(self, batch_size: int, num_heads: int, seq_len: int, head_dim: int, num_layers: int,
@@ -192,8 +195,10 @@ class KVCache:
                  prefix: KVCache | None = None, static: bool = False):
         if layout not in LAYOUTS:
             raise ValueError(f"KV cache layout {layout!r} is not one of {LAYOUTS}")
-        if static and (layout != "bhtd" or prefix is not None):
-            raise ValueError("a static KV cache has layout 'bhtd' and no shared prefix")
+        if static and (layout != "bhtd" or (prefix is not None and not prefix.static)):
+            raise ValueError("a static KV cache has layout 'bhtd', and its shared prefix is static too")
+        if prefix is not None and prefix.static and not static:
+            raise ValueError("a static prefix is read by a static cache only")
         self.batch_size = batch_size
         self.n_layers = num_layers
         self.n_heads = num_heads
@@ -212,6 +217,7 @@ class KVCache:
         self.static = static
         if static:
             self.position = torch.zeros(1, dtype=torch.long, device=device)  # = pos, as a tensor a graph can read
+            self.own_position = torch.zeros(1, dtype=torch.long, device=device)  # = pos - prefix_len
             self.key_positions = torch.arange(seq_len, device=device).unsqueeze(0)  # (1, seq_len): SDPA's (Tq, Tk)
         if prefix is not None:
             self._attach(prefix)
@@ -225,6 +231,8 @@ class KVCache:
         self.prefix, self.prefix_len = prefix, prefix.get_pos()
         self.pos = self.prefix_len
         self.cache_seqlens.fill_(self.pos)
+        if self.static:
+            self.position.fill_(self.pos)
         if prefix.prev_embedding is not None:
             self.prev_embedding = prefix.prev_embedding.expand(self.batch_size, -1, -1).clone()
 
@@ -256,6 +264,7 @@ class KVCache:
         self.cache_seqlens.zero_()
         if self.static:
             self.position.zero_()
+            self.own_position.zero_()
         self.pos = self.prefix_len = 0
         self.prefix = None
         self.prev_embedding = None
@@ -273,8 +282,8 @@ class KVCache:
         t = k.size(1)
         if self.static and t == 1:  # at the tensor position: no Python int in a compiled step
             k_layer, v_layer = self._layers[layer]
-            k_layer.index_copy_(2, self.position, k.transpose(1, 2))
-            v_layer.index_copy_(2, self.position, v.transpose(1, 2))
+            k_layer.index_copy_(2, self.own_position, k.transpose(1, 2))
+            v_layer.index_copy_(2, self.own_position, v.transpose(1, 2))
             return
         if self.pos + t > self.max_seq_len:
             raise ValueError(f"the KV cache holds {self.max_seq_len} positions; {self.pos} are used and {t} more "
@@ -298,17 +307,27 @@ class KVCache:
         return k_layer[:, :, :own], v_layer[:, :, :own]
 
     def decode_mask(self, window: int) -> Tensor:
-        """(1, seq_len) bool for a static cache's decode step: the positions written so
-        far, the current one included, and within `window` of it (< 0: all)."""
-        seen = self.key_positions <= self.position
+        """(1, seq_len) bool for a static cache's decode step: its own positions written
+        so far, the current one included, and within `window` of it (< 0: all)."""
+        seen = self.key_positions <= self.own_position
         if window >= 0:
-            seen &= self.key_positions >= self.position - window
+            seen &= self.key_positions >= self.own_position - window
+        return seen
+
+    def prefix_mask(self, window: int) -> Tensor:
+        """(1, prefix capacity) bool: the shared prompt's written positions that the
+        current position sees through `window` (< 0: all)."""
+        prefix = self.prefix
+        seen = prefix.key_positions < prefix.position
+        if window >= 0:
+            seen &= prefix.key_positions >= self.position - window
         return seen
 
     def advance(self, num_tokens: int) -> None:
         self.cache_seqlens += num_tokens
         if self.static:
             self.position += num_tokens
+            self.own_position += num_tokens
         self.pos += num_tokens
 
     def prefill(self, other: KVCache) -> None:
@@ -330,6 +349,7 @@ class KVCache:
         self.cache_seqlens.fill_(pos)
         if self.static:
             self.position.fill_(pos)
+            self.own_position.fill_(pos)
         self.pos = pos
         if other.prev_embedding is not None:
             self.prev_embedding = other.prev_embedding.expand(self.batch_size, -1, -1).clone()
@@ -372,7 +392,7 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, window: int, masks: dict | None) -> T
 
 
 def _decode_after_prefix(q: Tensor, prefix_k: Tensor, prefix_v: Tensor, k: Tensor, v: Tensor,
-                         window: int) -> Tensor:
+                         window: int, masks: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """One decoded token per row attending over a shared prompt and its row's own keys.
 
     q: (B, 1, H, D); prefix_k/v: (1, Hkv, P, D), the prompt every row continues; k, v:
@@ -380,10 +400,12 @@ def _decode_after_prefix(q: Tensor, prefix_k: Tensor, prefix_v: Tensor, k: Tenso
     (B, 1, H, D). Softmax over the concatenated scores, so the result is the same
     attention as over the full keys (up to rounding): the prompt's part is one matmul of
     all B*H/Hkv queries of a kv head against that head's P keys, read once instead of B
-    times. fp32 only (the scores are not kept in higher precision than the inputs)."""
+    times. fp32 only (the scores are not kept in higher precision than the inputs).
+    masks: (prefix mask (1, P), own mask (1, S)) for a static cache, whose unwritten and
+    out-of-window positions are masked instead of sliced off (`window` is then unused)."""
     B, _, H, D = q.shape
     Hkv, P, S = k.size(1), prefix_k.size(2), k.size(2)
-    if 0 <= window < P + S - 1:  # a sliding window: only the last window + 1 keys are visible
+    if masks is None and 0 <= window < P + S - 1:  # a sliding window: only the last window + 1 keys are visible
         start = P + S - 1 - window
         if start >= P:
             return _sdpa(q.transpose(1, 2), k[:, :, start - P:], v[:, :, start - P:], -1, None).transpose(1, 2)
@@ -393,6 +415,8 @@ def _decode_after_prefix(q: Tensor, prefix_k: Tensor, prefix_v: Tensor, k: Tenso
     shared = torch.matmul(qg.transpose(0, 1).reshape(Hkv, B * G, D), prefix_k[0].transpose(1, 2))  # (Hkv, B*G, P)
     own = torch.matmul(qg, k.transpose(2, 3))  # (B, Hkv, G, S)
     scores = torch.cat([shared.view(Hkv, B, G, P).transpose(0, 1), own], dim=-1)  # (B, Hkv, G, P + S)
+    if masks is not None:
+        scores.masked_fill_(~torch.cat(masks, dim=-1), float("-inf"))
     probs = torch.softmax(scores.mul_(D ** -0.5), dim=-1)
     y = torch.matmul(probs[..., P:], v)  # (B, Hkv, G, D)
     y_shared = torch.matmul(probs[..., :P].transpose(0, 1).reshape(Hkv, B * G, P), prefix_v[0])  # (Hkv, B*G, D)
@@ -421,12 +445,17 @@ def attend(q: Tensor, k: Tensor, v: Tensor, window: int, kv_cache: KVCache | Non
         kv_cache.store(layer, k, v)
         keys, values = kv_cache.get_layer_cache(layer)  # (B, Hkv, seq_len, D)
         key = ("static", window)
-        mask = None if masks is None else masks.get(key)
-        if mask is None:
-            mask = kv_cache.decode_mask(window)
+        step_masks = None if masks is None else masks.get(key)
+        if step_masks is None:
+            step_masks = (kv_cache.decode_mask(window),
+                          None if kv_cache.prefix is None else kv_cache.prefix_mask(window))
             if masks is not None:
-                masks[key] = mask
-        return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                masks[key] = step_masks
+        own_mask, prefix_mask = step_masks
+        if kv_cache.prefix is not None:
+            prefix_k, prefix_v = kv_cache.prefix.get_layer_cache(layer)  # (1, Hkv, prefix capacity, D)
+            return _decode_after_prefix(q, prefix_k, prefix_v, keys, values, window, (prefix_mask, own_mask))
+        return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=own_mask,
                                               enable_gqa=q.size(2) != keys.size(1)).transpose(1, 2)
     if _use_fa3(q) and not (kv_cache is not None and kv_cache.static):  # a static cache's prefill: SDPA too
         fa3 = _load_fa3()[0]

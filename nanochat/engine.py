@@ -158,7 +158,7 @@ class Engine:
             log.warning("this model has no decode_graph to compile; decoding eagerly")
         self._step = None  # the compiled decode step, made on first use
         self._compile_failed = False
-        self._capacities: set[int] = set()  # static cache sizes seen: each is one compiled graph
+        self._graph_shapes: set[tuple[int, int, int]] = set()  # (rows, cache, own per row): one graph each
 
     # --- sizing ----------------------------------------------------------------
 
@@ -271,14 +271,22 @@ class Engine:
 
         # 1) prefill once at batch 1, then spread the cache over the rows
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        if num_samples == 1 and self.compile:  # a static cache: every decode step one compiled graph
-            capacity = self._static_capacity(total)
-            if self._capacities and capacity not in self._capacities and not self._compile_failed:
-                log.info("a %d-position cache (prompt + max_tokens = %d): compiling one more decode graph",
-                         capacity, total + 1)
-            self._capacities.add(capacity)
-            cache = self.model.make_kv_cache(batch_size=1, seq_len=capacity, static=True)
-            logits = self._last_logits(ids, cache)  # (1, V); the prefill itself runs eagerly
+        static = self.compile and (num_samples == 1 or self.model.shares_prompt_cache())
+        if static:  # static caches: every decode step one compiled graph (see the module docstring)
+            capacity = self._static_capacity(len(tokens) if num_samples > 1 else total)
+            own = -(-max(steps - 1, 1) // 64) * 64 if num_samples > 1 else 0  # rows' own positions, in 64s
+            shape = (num_samples, capacity, own)
+            if self._graph_shapes and shape not in self._graph_shapes and not self._compile_failed:
+                log.info("%d row(s), a %d-position cache%s: compiling one more decode graph", num_samples, capacity,
+                         f" + {own} per row" if own else "")
+            self._graph_shapes.add(shape)
+            first = self.model.make_kv_cache(batch_size=1, seq_len=capacity, static=True)
+            logits = self._last_logits(ids, first)  # (1, V); the prefill itself runs eagerly
+            cache = first
+            if num_samples > 1:  # rows share the prompt's static cache, their own keys in a static one
+                logits = logits.expand(num_samples, -1)
+                cache = self.model.make_kv_cache(batch_size=num_samples, seq_len=len(tokens) + own, prefix=first,
+                                                 static=True)
         elif num_samples == 1:
             cache = self.model.make_kv_cache(batch_size=1, seq_len=total)
             logits = self._last_logits(ids, cache)  # (1, V)

@@ -590,15 +590,17 @@ class GPT(nn.Module):
         see KVCache), else copied into every row. Either way the cache starts at the
         prompt's position and holds seq_len in all.
 
-        static: fixed shapes for a compiled decode step (see KVCache): SDPA's layout, and
-        the prompt copied into every row."""
+        static: fixed shapes for a compiled decode step (see KVCache), in SDPA's layout;
+        rows share a static prefix as above, and get copies of any other."""
         c = self.config
         device, dtype = self.get_device(), self.compute_dtype
         layout = "bthd" if select_backend(device, dtype)[0] and not static else "bhtd"
         shape = dict(num_heads=c.n_kv_head, head_dim=c.head_dim, num_layers=c.n_layer, device=device, dtype=dtype,
                      layout=layout)
-        if prefix is not None and batch_size > 1 and self.shares_prompt_cache() and not static:
-            return KVCache(batch_size=batch_size, seq_len=max(seq_len - prefix.get_pos(), 0), prefix=prefix, **shape)
+        if (prefix is not None and batch_size > 1 and self.shares_prompt_cache()
+                and static == prefix.static):
+            return KVCache(batch_size=batch_size, seq_len=max(seq_len - prefix.get_pos(), 0), prefix=prefix,
+                           static=static, **shape)
         cache = KVCache(batch_size=batch_size, seq_len=seq_len, static=static, **shape)
         if prefix is not None:
             cache.prefill(prefix)

@@ -76,15 +76,29 @@ def test_static_cache_decodes_like_the_growing_cache(gpt):
         static.k_cache[:, :, :, 181:] = 1e4
         ids = a.argmax(-1, keepdim=True)
         torch.testing.assert_close(gpt.decode_logits(ids, static), gpt.decode_logits(ids, growing), rtol=0, atol=1e-5)
-        rows = gpt.make_kv_cache(3, 512, prefix=static, static=True)
-        assert rows.prefix is None and rows.position.tolist() == [rows.get_pos()] == [181]
-        shared = gpt.make_kv_cache(3, 512, prefix=growing)
+        # rows continuing it share it (its unwritten tail masked), or get copies of it
+        shared = gpt.make_kv_cache(3, 181 + 192, prefix=growing)
+        rows = gpt.make_kv_cache(3, 181 + 192, prefix=static, static=True)
+        assert rows.prefix is static and rows.max_seq_len == 181 + 192
+        assert rows.position.tolist() == [rows.get_pos()] == [181] and rows.own_position.tolist() == [0]
+        copies = gpt.make_kv_cache(3, 512, static=True)
+        copies.prefill(static)
+        assert copies.prefix is None and copies.position.tolist() == copies.own_position.tolist() == [181]
         ids = torch.tensor([[5], [6], [7]])
-        torch.testing.assert_close(gpt.decode_logits(ids, rows), gpt.decode_logits(ids, shared), rtol=0, atol=1e-5)
+        for _ in range(150):  # past the 128-token window, which then starts inside the rows' own keys
+            expected = gpt.decode_logits(ids, shared)
+            torch.testing.assert_close(gpt.decode_logits(ids, rows), expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(gpt.decode_logits(ids, copies), expected, rtol=1e-5, atol=1e-5)
+            ids = expected.argmax(-1, keepdim=True)
+        assert rows.own_position.tolist() == [150] and rows.position.tolist() == [331]
         rows.reset()
-        assert rows.get_pos() == 0 and rows.position.tolist() == [0]
+        assert rows.get_pos() == 0 and rows.position.tolist() == rows.own_position.tolist() == [0]
     with pytest.raises(ValueError, match="static"):
         KVCache(1, 2, 8, 16, 1, "cpu", torch.float32, layout="bthd", static=True)
+    with pytest.raises(ValueError, match="static"):  # a static cache's rows read a static prefix, and only they
+        KVCache(3, 2, 8, 16, 3, "cpu", torch.float32, layout="bhtd", prefix=growing, static=True)
+    with pytest.raises(ValueError, match="static"):
+        KVCache(3, 2, 8, 16, 3, "cpu", torch.float32, layout="bhtd", prefix=static)
     # a full static cache refuses the next token before anything is written past its end
     with torch.inference_mode():
         full = gpt.make_kv_cache(1, 10, static=True)
@@ -148,10 +162,13 @@ def test_compiled_decoding_matches_eager_in_one_graph_for_every_turn(gpt):
         assert list(compiled.generate(prompt, max_tokens=400, temperature=0.0)) == \
             list(eager.generate(prompt, max_tokens=400, temperature=0.0))
     assert _graphs() == before + 2 and "a 1024-position cache" in log.text
-    # several samples stay eager (their rows share the prompt's cache)
-    assert (compiled.generate_batch(prompt, num_samples=3, max_tokens=8, temperature=1.0, seed=5)
-            == eager.generate_batch(prompt, num_samples=3, max_tokens=8, temperature=1.0, seed=5))
-    assert _graphs() == before + 2
+    # several samples of one prompt: one more graph per row count, where the rows share
+    # the prompt's static cache and keep their own keys (in 64s) in another; prompts of
+    # other lengths reuse it
+    for tokens, seed in ((prompt, 5), (prompt[:50], 6)):
+        assert (compiled.generate_batch(tokens, num_samples=3, max_tokens=40, temperature=1.0, seed=seed)
+                == eager.generate_batch(tokens, num_samples=3, max_tokens=40, temperature=1.0, seed=seed))
+    assert _graphs() == before + 3
 
 
 def test_a_failed_compile_falls_back_to_eager_decoding(gpt, monkeypatch):
@@ -386,11 +403,13 @@ def test_decode_compiled_benchmark_checks_and_times_both_engines():
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_compiled.py"
     out = subprocess.run([sys.executable, str(script), "--depth", "1", "--vocab-size", "512", "--sequence-len", "128",
-                          "--prompt-len", "20", "--decode-tokens", "4", "--rounds", "2", "--threads", "1"],
+                          "--prompt-len", "20", "--decode-tokens", "4", "--rounds", "2", "--threads", "1",
+                          "--batch-sizes", "3"],
                          capture_output=True, text=True, timeout=600, check=True).stdout
     summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["n_embd"] == 64 and len(summary["ratios"]) == 2 and summary["compile_s"] > 0
-    assert summary["eager_ms"] > 0 and summary["compiled_ms"] > 0
+    assert summary["n_embd"] == 64 and [r["batch"] for r in summary["results"]] == [3]
+    for r in summary["results"]:
+        assert len(r["ratios"]) == 2 and r["compile_s"] > 0 and r["eager_ms"] > 0 and r["compiled_ms"] > 0
 
 
 def test_bench_infer_smoke(tmp_path, capsys):
