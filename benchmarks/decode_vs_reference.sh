@@ -8,8 +8,8 @@
 # beside the repository, and the project's venv (runs/setup_env.sh). Knobs: PROMPT_LEN
 # (256), DECODE_TOKENS (64), TOP_K (50), TEMPERATURE (1.0), THREADS (2), ROUNDS (3: the
 # two engines run in turn, ROUNDS times each; the medians are compared, and so is each
-# round's pair), COMPILE (1: ours decodes batch 1 through its compiled step, `bench-infer
-# --compile`; the compiling happens before the timed runs).
+# round's pair), COMPILE (1: ours decodes through its compiled step, `bench-infer --compile`;
+# the compiling happens before the timed runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SOURCE=base
@@ -42,7 +42,7 @@ out = sys.argv[1]
 ours = [json.loads(l) for l in open(f"{out}/ours.jsonl")]
 ref = [json.loads(l) for l in open(f"{out}/reference.jsonl")]
 print(f"decode tok/s, median of {len(ours)} rounds (ours: {ours[0]['model']}, {ours[0]['dtype']}, "
-      f"{ours[0]['torch_threads']} threads{', batch 1 compiled' if ours[0].get('compile') else ''}; "
+      f"{ours[0]['torch_threads']} threads{', compiled' if ours[0].get('compile') else ''}; "
       f"{ours[0]['processor']})")
 # each round runs ours then the reference back to back, so the ratio within a round is less
 # exposed to a shared machine's slow minutes than the ratio of the two medians

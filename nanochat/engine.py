@@ -27,17 +27,19 @@ How one `generate` call runs:
    stops when every row ended or after `max_tokens` steps.
 
 Compiled decoding (`Engine(compile=True)`, `--compile` on chat, serve, chat-eval and
-bench-infer): a single sample's decode steps run as one torch.compile graph. Its cache is
-static (see attention.KVCache: fixed shapes, the new keys written at a tensor position,
-unwritten positions masked) and sized in whole multiples of the model's sequence_len, so
-one graph serves every step of every turn; on a CPU the graph is compiled with the model's
-weights frozen into it (inductor's `freezing`: prepacked matmul weights) and a C++
-wrapper, which removes the Python work around ~200 small operations per step. Numbers
-differ from eager decoding by rounding (~1e-7 in the logits). The first step compiles
-(~40 s on a small CPU; inductor's disk cache makes later runs faster). Batches of several
-samples stay eager, where the rows share the prompt's cache (measured slower compiled).
-Only for a model whose weights no longer change: a later optimizer step would not be
-seen by the frozen graph (RL never compiles).
+bench-infer): the decode steps run as one torch.compile graph. The caches are static (see
+attention.KVCache: fixed shapes, the new keys written at a tensor position, unwritten
+positions masked): the prompt's is sized in whole multiples of the model's sequence_len,
+and where several samples share it (fp32 SDPA) their own keys go to a static cache sized
+in multiples of 64, so one graph serves every step of every turn with the same number of
+rows (and a turn of a new size compiles one more, logged). On a CPU the graph is compiled
+with the model's weights frozen into it (inductor's `freezing`: prepacked matmul
+weights) and a C++ wrapper, which removes the Python work around ~200 small operations
+per step. Numbers differ from eager decoding by rounding (~1e-7 in the logits). The first
+step compiles (~20-40 s on a small CPU; inductor's disk cache makes later runs faster).
+Where the rows cannot share the prompt (bf16, FA3) several samples stay eager. Only for a
+model whose weights no longer change: a later optimizer step would not be seen by the
+frozen graph (RL never compiles).
 
 Model protocol (nanochat.gpt.GPT satisfies it; tests use small fakes): `forward(idx,
 kv_cache=...)` -> fp32 logits (B, T, V), `make_kv_cache(batch_size, seq_len, prefix=None)`,

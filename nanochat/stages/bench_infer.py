@@ -56,8 +56,8 @@ class Config:
     top_k: int | None = option(None, "sample among the k most likely tokens (automatic: the whole vocabulary)")
     cast_weights: bool = option(True, "store the weights in the compute dtype once (as chat does) instead of "
                                       "casting the fp32 masters in every forward pass")
-    compile: bool = option(False, "batch 1 decodes through one torch.compile graph (static cache, frozen weights; "
-                                  "compiled once before timing, ~40 s on a small CPU; see nanochat/engine.py)")
+    compile: bool = option(False, "decode through torch.compile graphs (static caches, frozen weights; one per "
+                                  "batch size, compiled before timing, ~40 s each on a small CPU; see nanochat/engine.py)")
     seed: int = option(0, "seed for the random model and prompts")
     threads: int | None = option(None, "CPU threads torch may use; automatic: torch's choice (1 is steadier on a busy "
                                        "machine, where spinning OpenMP threads slow each other down)")
@@ -276,7 +276,7 @@ def render(metrics: dict) -> str:
              "",
              f"batch decode (prompt {metrics['prompt_len']} tokens, {metrics['decode_tokens']} steps, "
              f"temperature {metrics['temperature']}, top-k {metrics['top_k'] or 'off'}, "
-             f"median of {metrics['repeats']} runs{'; batch 1 compiled' if metrics.get('compile') else ''})",
+             f"median of {metrics['repeats']} runs{'; compiled' if metrics.get('compile') else ''})",
              _table(["batch", "TTFT ms", "ms/step", "tok/s", "ms/token", "peak MiB", "read MiB/step", "GB/s",
                      "MBU %", "MFU %"],
                     [[str(r["batch"]), f"{r['ttft_ms']:.1f}", f"{r['step_ms']:.2f}", f"{r['tokens_per_s']:.0f}",
@@ -314,10 +314,11 @@ def _run(config: Config, runtime: Runtime) -> dict:
     if config.prompt_len + config.decode_tokens + 1 > engine.max_positions():
         raise UserError(f"--prompt-len + --decode-tokens exceeds the model's {engine.max_positions()} positions")
     time_generation(engine, _random_prompt(vocab, 32, 1), max(config.batch_sizes), 4)  # warm-up
-    if config.compile:  # compile batch 1's graph (same cache capacity as the timed runs) before timing
-        t0 = time.perf_counter()
-        time_generation(engine, _random_prompt(vocab, 32, 1), 1, 4)
-        log.info("compiled the decode step in %.1f s", time.perf_counter() - t0)
+    if config.compile:  # compile each batch size's graph (same cache shapes as the timed runs) before timing
+        for batch in config.batch_sizes:
+            t0 = time.perf_counter()
+            time_generation(engine, _random_prompt(vocab, 32, 1), batch, 4)
+            log.info("batch %d: compiled the decode step in %.1f s", batch, time.perf_counter() - t0)
     from nanochat.common import peak_bandwidth, peak_flops, processor_summary
     flops_peak = peak_flops(runtime.device, model.compute_dtype, cache_dir=runtime.base_dir)
     bandwidth_peak = peak_bandwidth(runtime.device, cache_dir=runtime.base_dir)

@@ -43,8 +43,8 @@ class Config:
     step: int | None = option(None, "checkpoint step to load [automatic: the last]", short="-s")
     max_problems: int | None = option(None, "evaluate at most this many problems per task [automatic: all]", short="-x")
     seed: int = option(42, "seed of the samplers (problem i uses seed + i)")
-    compile: bool = option(False, "generative tasks with one sample per problem decode through a torch.compile "
-                                  "graph (one per cache capacity, ~40 s each on a small CPU; see nanochat/engine.py)")
+    compile: bool = option(False, "generative tasks decode through torch.compile graphs (one per cache shape, "
+                                  "~40 s each on a small CPU; see nanochat/engine.py)")
 
     def validate(self) -> None:
         p = []

@@ -62,8 +62,8 @@ class Config:
                                      factory=list)
     model_name: str | None = option(None, "model id reported by the API; automatic = nanochat-<source>[-<tag>]")
     access_log: bool = option(True, "log one line per HTTP request")
-    compile: bool = option(False, "decode single replies through one torch.compile graph, compiled at startup "
-                                  "(~40 s on a small CPU; see nanochat/engine.py)")
+    compile: bool = option(False, "decode through torch.compile graphs; one reply's is compiled at startup "
+                                  "(~40 s on a small CPU; n > 1 compiles one more per n; see nanochat/engine.py)")
 
     def validate(self) -> None:
         p = []
