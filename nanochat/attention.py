@@ -277,6 +277,14 @@ class KVCache:
         """(k, v) storage of one layer in this cache's layout (its own positions only)."""
         return self._layers[layer]
 
+    def check_room(self, t: int) -> None:
+        """Raise unless t more positions fit. A static cache's decode step does not check
+        (it runs inside a compiled graph, where an index_copy_ past the end is unchecked):
+        GPT.decode_logits calls this before it."""
+        if self.pos + t > self.max_seq_len:
+            raise ValueError(f"the KV cache holds {self.max_seq_len} positions; {self.pos} are used and {t} more "
+                             "do not fit; build a longer cache")
+
     def store(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Write k, v (B, T, Hkv, D) at the current position of `layer`."""
         t = k.size(1)
@@ -285,9 +293,7 @@ class KVCache:
             k_layer.index_copy_(2, self.own_position, k.transpose(1, 2))
             v_layer.index_copy_(2, self.own_position, v.transpose(1, 2))
             return
-        if self.pos + t > self.max_seq_len:
-            raise ValueError(f"the KV cache holds {self.max_seq_len} positions; {self.pos} are used and {t} more "
-                             "do not fit; build a longer cache")
+        self.check_room(t)
         own = self.pos - self.prefix_len
         k_layer, v_layer = self._layers[layer]
         if self.layout == "bthd":

@@ -282,13 +282,12 @@ class Engine:
                 log.info("%d row(s), a %d-position cache%s: compiling one more decode graph", num_samples, capacity,
                          f" + {own} per row" if own else "")
             self._graph_shapes.add(shape)
-            first = self.model.make_kv_cache(batch_size=1, seq_len=capacity, static=True)
-            logits = self._last_logits(ids, first)  # (1, V); the prefill itself runs eagerly
-            cache = first
+            cache = prompt_cache = self.model.make_kv_cache(batch_size=1, seq_len=capacity, static=True)
+            logits = self._last_logits(ids, prompt_cache)  # (1, V); the prefill itself runs eagerly
             if num_samples > 1:  # rows share the prompt's static cache, their own keys in a static one
                 logits = logits.expand(num_samples, -1)
-                cache = self.model.make_kv_cache(batch_size=num_samples, seq_len=len(tokens) + own, prefix=first,
-                                                 static=True)
+                cache = self.model.make_kv_cache(batch_size=num_samples, seq_len=len(tokens) + own,
+                                                 prefix=prompt_cache, static=True)
         elif num_samples == 1:
             cache = self.model.make_kv_cache(batch_size=1, seq_len=total)
             logits = self._last_logits(ids, cache)  # (1, V)

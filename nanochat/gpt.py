@@ -504,9 +504,7 @@ class GPT(nn.Module):
         Engine(compile=True)); None runs it eagerly. Everything that depends on the
         cache's Python-int position happens here, outside the graph."""
         rotary = self._rotary(idx, kv_cache)
-        if kv_cache.get_pos() + idx.size(1) > kv_cache.max_seq_len:  # checked here: a graph would not
-            raise ValueError(f"the KV cache holds {kv_cache.max_seq_len} positions; {kv_cache.get_pos()} are used "
-                             f"and {idx.size(1)} more do not fit; build a longer cache")
+        kv_cache.check_room(idx.size(1))  # here: the graph's writes do not check
         logits = (step or self.decode_graph)(idx, rotary, kv_cache)
         kv_cache.advance(idx.size(1))
         return logits

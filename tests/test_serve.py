@@ -2,6 +2,7 @@
 bad input, queueing, disconnects, API keys, health/stats, the UI page and the CLI."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -389,18 +390,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_cli_serve_and_sigterm_shutdown(tiny_base_checkpoint):
+@contextlib.contextmanager
+def cli_server(base_dir, *flags: str, startup_s: float = 60):
+    """`nanochat serve` in a subprocess on a free loopback port, yielded as (process, url)
+    once /health answers; killed afterwards if it is still running."""
     port = _free_port()
     env = {**os.environ, "NANOCHAT_API_KEY": "", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "nanochat", "serve", "-i", "base", "--port", str(port), "--device-type", "cpu",
-         "--base-dir", str(tiny_base_checkpoint), "--max-tokens", "64", "--shutdown-timeout", "10",
-         "--no-access-log"],
+         "--base-dir", str(base_dir), "--no-access-log", *flags],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + startup_s
         while True:
             try:
                 if request(url + "/health", timeout=1).status == 200:
@@ -410,6 +412,16 @@ def test_cli_serve_and_sigterm_shutdown(tiny_base_checkpoint):
             assert proc.poll() is None, proc.stdout.read()
             assert time.monotonic() < deadline, "server did not come up"
             time.sleep(0.1)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_cli_serve_and_sigterm_shutdown(tiny_base_checkpoint):
+    with cli_server(tiny_base_checkpoint, "--max-tokens", "64", "--shutdown-timeout", "10") as (proc, url):
         r = post(url + "/chat/completions", {"messages": [USER], "max_tokens": 4})
         assert r.status == 200 and sse_events(r.body)[-1]["done"] is True
         stream = Stream(url + "/chat/completions", {"messages": [USER], "temperature": 1.0, "max_tokens": 64})
@@ -424,34 +436,13 @@ def test_cli_serve_and_sigterm_shutdown(tiny_base_checkpoint):
         out = proc.stdout.read()
         assert "all replicas released" in out and "result:" in out
         assert tail and ("done" in tail[-1] or "error" in tail[-1]), tail[-1:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.slow
 def test_cli_serve_compiled_answers_like_the_engine(tiny_base_checkpoint, tiny):
     # --compile: the decode step is compiled while the server starts (the port opens
     # after it), and replies are the eager engine's
-    port = _free_port()
-    env = {**os.environ, "NANOCHAT_API_KEY": "", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nanochat", "serve", "-i", "base", "--port", str(port), "--device-type", "cpu",
-         "--base-dir", str(tiny_base_checkpoint), "--compile", "--no-access-log"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                if request(url + "/health", timeout=1).status == 200:
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+    with cli_server(tiny_base_checkpoint, "--compile", startup_s=240) as (proc, url):
         for max_tokens in (12, 20):
             r = post(url + "/chat/completions", {"messages": [USER], "temperature": 0.0, "max_tokens": max_tokens})
             assert r.status == 200
@@ -461,7 +452,3 @@ def test_cli_serve_compiled_answers_like_the_engine(tiny_base_checkpoint, tiny):
         assert proc.wait(20) == 0
         out = proc.stdout.read()
         assert "compiling the decode step" in out and "decoding eagerly" not in out
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
