@@ -31,7 +31,7 @@ bench-infer): the decode steps run as one torch.compile graph. The caches are st
 attention.KVCache: fixed shapes, the new keys written at a tensor position, unwritten
 positions masked): the prompt's is sized in whole multiples of the model's sequence_len,
 and where several samples share it (fp32 SDPA) their own keys go to a static cache sized
-in multiples of 64, so one graph serves every step of every turn with the same number of
+in powers of two from 64, so one graph serves every step of every turn with the same number of
 rows (and a turn of a new size compiles one more, logged). On a CPU the graph is compiled
 with the model's weights frozen into it (inductor's `freezing`: prepacked matmul
 weights) and a C++ wrapper, which removes the Python work around ~200 small operations
@@ -196,6 +196,14 @@ class Engine:
         seq_len = int(self.model.config.sequence_len)
         return min(-(-total // seq_len) * seq_len, self.max_positions())
 
+    @staticmethod
+    def _own_capacity(steps: int) -> int:
+        """Positions of each row's own keys in a compiled step where the rows share the
+        prompt: the next power of two from 64 up, so replies of any length need at most
+        log2(sequence_len / 32) graphs per row count (4 at 512, 6 at 2048), for at most
+        twice the keys that the reply needs (the last sampled token is never cached)."""
+        return max(64, 1 << (max(steps - 1, 1) - 1).bit_length())
+
     def _compiled_step(self):
         """torch.compile of the model's decode_graph, made once per engine; None once
         compiling has failed (decoding goes on eagerly on the same static cache)."""
@@ -276,7 +284,7 @@ class Engine:
         static = self.compile and (num_samples == 1 or self.model.shares_prompt_cache())
         if static:  # static caches: every decode step one compiled graph (see the module docstring)
             capacity = self._static_capacity(len(tokens) if num_samples > 1 else total)
-            own = -(-max(steps - 1, 1) // 64) * 64 if num_samples > 1 else 0  # rows' own positions, in 64s
+            own = self._own_capacity(steps) if num_samples > 1 else 0
             shape = (num_samples, capacity, own)
             if self._graph_shapes and shape not in self._graph_shapes and not self._compile_failed:
                 log.info("%d row(s), a %d-position cache%s: compiling one more decode graph", num_samples, capacity,

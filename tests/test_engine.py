@@ -163,12 +163,26 @@ def test_compiled_decoding_matches_eager_in_one_graph_for_every_turn(gpt):
             list(eager.generate(prompt, max_tokens=400, temperature=0.0))
     assert _graphs() == before + 2 and "a 1024-position cache" in log.text
     # several samples of one prompt: one more graph per row count, where the rows share
-    # the prompt's static cache and keep their own keys (in 64s) in another; prompts of
+    # the prompt's static cache and keep their own keys (in powers of two) in another; prompts of
     # other lengths reuse it
     for tokens, seed in ((prompt, 5), (prompt[:50], 6)):
         assert (compiled.generate_batch(tokens, num_samples=3, max_tokens=40, temperature=1.0, seed=seed)
                 == eager.generate_batch(tokens, num_samples=3, max_tokens=40, temperature=1.0, seed=seed))
     assert _graphs() == before + 3
+
+
+def test_several_samples_size_their_own_keys_in_powers_of_two(gpt, monkeypatch):
+    # a compiled step's shapes for n > 1 rows: the prompt's cache in sequence_len
+    # multiples, each row's own keys in powers of two from 64 by the reply's length, so
+    # replies of 70 and 120 tokens share one graph and 140 needs the next (torch.compile
+    # stands in as the identity: the shapes and tokens are what is under test)
+    assert [Engine._own_capacity(s) for s in (1, 2, 65, 66, 129, 130, 513)] == [64, 64, 64, 128, 128, 256, 512]
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    compiled, eager = Engine(gpt, None, compile=True), Engine(gpt, None)
+    for max_tokens in (70, 120, 140):
+        kwargs = dict(num_samples=2, max_tokens=max_tokens, temperature=1.0, seed=max_tokens)
+        assert compiled.generate_batch(PROMPT, **kwargs) == eager.generate_batch(PROMPT, **kwargs)
+    assert compiled._graph_shapes == {(2, 512, 128), (2, 512, 256)}
 
 
 def test_a_failed_compile_falls_back_to_eager_decoding(gpt, monkeypatch):

@@ -63,7 +63,8 @@ class Config:
     model_name: str | None = option(None, "model id reported by the API; automatic = nanochat-<source>[-<tag>]")
     access_log: bool = option(True, "log one line per HTTP request")
     compile: bool = option(False, "decode through torch.compile graphs; one reply's is compiled at startup "
-                                  "(~40 s on a small CPU; n > 1 compiles one more per n; see nanochat/engine.py)")
+                                  "(~40 s on a small CPU; n > 1 compiles one more per n and power-of-two reply "
+                                  "length; see nanochat/engine.py)")
 
     def validate(self) -> None:
         p = []
