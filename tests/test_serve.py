@@ -448,7 +448,15 @@ def test_cli_serve_compiled_answers_like_the_engine(tiny_base_checkpoint, tiny):
             assert r.status == 200
             *pieces, done = sse_events(r.body)
             assert "".join(e["token"] for e in pieces) == greedy_reference(tiny, [USER], max_tokens)[0]
+        # the OpenAI API's n > 1: the rows share the prompt's static cache, one more graph
+        # compiled on this first such request; greedy, every choice is the engine's reply
+        r = post(url + "/v1/chat/completions", {"model": "m", "messages": [USER], "n": 2, "temperature": 0.0,
+                                                "max_tokens": 12}, timeout=240)
+        assert r.status == 200
+        choices = json.loads(r.body)["choices"]
+        assert [c["message"]["content"] for c in choices] == [greedy_reference(tiny, [USER], 12)[0]] * 2
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
         out = proc.stdout.read()
         assert "compiling the decode step" in out and "decoding eagerly" not in out
+        assert "2 row(s), a 128-position cache + 64 per row: compiling one more decode graph" in out  # sequence_len 128
